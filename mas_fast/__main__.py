@@ -1,0 +1,42 @@
+"""`python -m mas_fast demo | bench | info`."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from typing import Optional, Sequence
+
+
+def info() -> int:
+    """Print versions and which backends are built and usable here."""
+    import torch
+
+    from . import __version__
+    from .ops import PRIORITY, backend_status
+
+    print(f"mas_fast {__version__} | torch {torch.__version__} | Python {platform.python_version()}")
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    print(f"device: {platform.machine()} CPU, {cuda}")
+    print("backends (auto tries them in the order " + " > ".join(PRIORITY) + "):")
+    for name, reason in backend_status().items():
+        print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mas_fast", description=__doc__)
+    parser.add_argument("command", choices=("demo", "bench", "info"))
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        return info()
+    if args.command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
+    from .bench import main as bench_main
+
+    return bench_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

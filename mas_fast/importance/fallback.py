@@ -1,0 +1,93 @@
+"""Generic per-sample importance with torch.func (vmap of grad), in bounded chunks.
+
+Correct for any module (custom layers, parameters used outside their module's
+forward, shared weights, modules called several times), but it costs a per-sample
+gradient of the whole model: the exact rules in rules.py are preferred wherever they apply.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from ..ops.reference import acc_dtype, samples_per_chunk
+
+Tensor = torch.Tensor
+
+_warned: set[str] = set()
+
+
+def warn_once(what: str) -> None:
+    """One warning per distinct cause, naming the module type that forced the fallback."""
+    if what not in _warned:
+        _warned.add(what)
+        warnings.warn(f"mas_fast: {what}; its parameters use the torch.func per-sample fallback "
+                      "(exact, but slower than the fused rules)", stacklevel=4)
+
+
+def squared_norm(output: Any) -> Tensor:
+    """Σ ‖leaf‖² over the tensor leaves of a (possibly nested) output, in float32 or wider."""
+    leaves = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.is_floating_point()]
+    return sum(t.to(acc_dtype(t.dtype)).square().sum() for t in leaves)
+
+
+def _batched_mask(tree: Any, batch: int) -> Any:
+    """True for tensor leaves whose dimension 0 indexes samples (size == batch)."""
+    return tree_map(lambda a: isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch, tree)
+
+
+def per_sample_abs_grad_sum(
+    fn: Callable[[dict, Any], Tensor],
+    params: dict[str, Tensor],
+    inputs: Any,
+    batch: int,
+) -> dict[str, Tensor]:
+    """Σ_k |∂ fn(params, inputs_k) / ∂params| over the samples k of `inputs`.
+
+    `fn` receives one sample's inputs with the batch dimension kept (size 1). Tensor
+    leaves of `inputs` whose dimension 0 has size `batch` are split per sample; the
+    others are shared. Chunks bound the per-sample gradients to `chunk_elements()`.
+    """
+    mask = _batched_mask(inputs, batch)
+    leaves, spec = tree_flatten(inputs)
+    mask_leaves = tree_flatten(mask)[0]
+    in_dims = tree_unflatten([0 if m else None for m in mask_leaves], spec)
+
+    def one_sample(p: dict, sample: Any) -> Tensor:
+        sample = tree_map(lambda a, m: a.unsqueeze(0) if m else a, sample, mask)
+        return fn(p, sample)
+
+    per_sample = vmap(grad(one_sample), in_dims=(None, in_dims))
+    detached = {n: p.detach() for n, p in params.items()}
+    sums = {n: torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device) for n, p in params.items()}
+    step = samples_per_chunk(sum(p.numel() for p in params.values()), batch)
+    for s in range(0, batch, step):
+        chunk = tree_unflatten([a[s:s + step] if m else a for a, m in zip(leaves, mask_leaves)], spec)
+        for n, g in per_sample(detached, chunk).items():
+            sums[n] += g.to(sums[n].dtype).abs().sum(0)
+    return sums
+
+
+def model_per_sample(model: nn.Module, x: Any, params: dict[str, Tensor],
+                     output_of: Callable[[Any], Tensor], batch: int) -> dict[str, Tensor]:
+    """Per-sample importance of `params` (canonical names) for ‖F(x_k)‖² of the whole model."""
+    def fn(p: dict, xk: Any) -> Tensor:
+        return squared_norm(output_of(functional_call(model, p, (xk,))))
+
+    return per_sample_abs_grad_sum(fn, params, x, batch)
+
+
+def module_local(module: nn.Module, calls: Sequence[tuple[tuple, dict]], params: dict[str, Tensor],
+                 batch: int) -> dict[str, Tensor]:
+    """Local variant for one module: per-sample grad of Σ_calls ‖module(args)‖² w.r.t. its own params.
+
+    `params` maps the module's own attribute names to tensors.
+    """
+    def fn(p: dict, calls_k: Sequence[tuple[tuple, dict]]) -> Tensor:
+        return sum(squared_norm(functional_call(module, p, args, kwargs)) for args, kwargs in calls_k)
+
+    return per_sample_abs_grad_sum(fn, params, list(calls), batch)

@@ -1,0 +1,209 @@
+"""Plain-PyTorch reference for every mas_fast op: the oracle every kernel is tested against.
+
+Conventions shared by all backends:
+- Importance results (Ω pieces) are float32, or float64 when the inputs are float64
+  (`acc_dtype`); low-precision inputs are upcast before any arithmetic.
+- Per-sample importance ops return Σ_k |g_k| over the samples k of one batch (a *batch
+  sum*, not yet divided by the sample count) and never build a B×P tensor: they work in
+  chunks of samples whose size bounds memory (`chunk_elements`).
+- In-place ops end with `_` and return nothing (or the scalar named in their docstring).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+# Upper bound on the elements of one chunk's per-sample temporary (c × P_layer).
+_DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_elements() -> int:
+    """Element budget of one per-sample chunk; MAS_FAST_CHUNK_ELEMENTS overrides it."""
+    return int(os.environ.get("MAS_FAST_CHUNK_ELEMENTS", _DEFAULT_CHUNK_ELEMENTS))
+
+
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 if any input is float64, else float32: the dtype Ω and θ* are kept in."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def samples_per_chunk(elements_per_sample: int, batch: int) -> int:
+    """How many samples fit in one chunk without exceeding `chunk_elements()`."""
+    return max(1, min(batch, chunk_elements() // max(1, elements_per_sample)))
+
+
+# --------------------------------------------------------------------------- importance
+
+
+def abs_matmul(delta: Tensor, x: Tensor) -> Tensor:
+    """Σ_n |δ_n| |x_n|ᵀ for delta (N, O), x (N, I) → (O, I).
+
+    Exact per-sample importance of a Linear weight on 2-D input: g_n = δ_n x_nᵀ is rank
+    one, so |g_n| = |δ_n| |x_n|ᵀ and the sum over samples is one GEMM of absolute values.
+    """
+    dt = acc_dtype(delta.dtype, x.dtype)
+    return delta.to(dt).abs().t() @ x.to(dt).abs()
+
+
+def per_sample_abs_matmul(delta: Tensor, x: Tensor) -> Tensor:
+    """Σ_k |Σ_t δ_kgt x_kgtᵀ| for delta (B, G, T, O), x (B, G, T, I) → (G, O, I).
+
+    The per-sample reduction over t (sequence positions, conv output pixels) happens
+    before the absolute value; samples are processed in chunks so that memory stays
+    O(c·G·O·I), never O(B·G·O·I).
+    """
+    B, G, _, O = delta.shape
+    I = x.shape[-1]
+    dt = acc_dtype(delta.dtype, x.dtype)
+    out = torch.zeros(G, O, I, dtype=dt, device=delta.device)
+    step = samples_per_chunk(G * O * I, B)
+    for s in range(0, B, step):
+        d = delta[s:s + step].to(dt)
+        xx = x[s:s + step].to(dt)
+        out += (d.transpose(-1, -2) @ xx).abs().sum(0)
+    return out
+
+
+def per_sample_abs_sum(delta: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+    """Σ_k |Σ_t δ_ktc · s_ktc| for delta (B, T, C) (and scale of the same shape) → (C,).
+
+    Bias (scale None) and norm-affine weights (scale = normalised input x̂).
+    """
+    dt = acc_dtype(delta.dtype, *(() if scale is None else (scale.dtype,)))
+    d = delta.to(dt)
+    if scale is not None:
+        d = d * scale.to(dt)
+    return d.sum(1).abs().sum(0)
+
+
+def conv_abs_grad(
+    delta: Tensor,
+    x: Tensor,
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    """Σ_k |∂/∂W of <δ_k, conv(x_k, W)>| for a 2-D convolution, shaped like the weight.
+
+    delta (B, Cout, Ho, Wo), x (B, Cin, H, W) (already padded for non-zero padding
+    modes); `padding` is the symmetric zero padding the convolution applied. The
+    per-sample gradient is Δ_k U_kᵀ with U_k the unfolded input, reduced over output
+    pixels per sample and group before the absolute value, in chunks of samples.
+    """
+    B, Cout = delta.shape[:2]
+    kh, kw = weight_shape[-2:]
+    G = groups
+    cin_g = x.shape[1] // G
+    L = delta.shape[2] * delta.shape[3]
+    dt = acc_dtype(delta.dtype, x.dtype)
+    out = torch.zeros(G, Cout // G, cin_g * kh * kw, dtype=dt, device=delta.device)
+    per_sample = max(Cout * cin_g * kh * kw, x.shape[1] * kh * kw * L)
+    step = samples_per_chunk(per_sample, B)
+    for s in range(0, B, step):
+        xs = x[s:s + step].to(dt)
+        c = xs.shape[0]
+        u = F.unfold(xs, (kh, kw), dilation=tuple(dilation), padding=tuple(padding),
+                     stride=tuple(stride))  # (c, Cin*kh*kw, L)
+        u = u.view(c, G, cin_g * kh * kw, L).transpose(-1, -2)  # (c, G, L, I)
+        d = delta[s:s + step].to(dt).reshape(c, G, Cout // G, L).transpose(-1, -2)  # (c, G, L, O)
+        out += (d.transpose(-1, -2) @ u).abs().sum(0)
+    return out.reshape(weight_shape)
+
+
+def embedding_abs_grad(
+    indices: Tensor, delta: Tensor, num_embeddings: int, padding_idx: Optional[int] = None
+) -> Tensor:
+    """Σ_k |Σ_{t: idx_kt = v} δ_kt| per row v, for indices (B, L), delta (B, L, D) → (V, D).
+
+    Per-sample scatter without a B×V×D tensor: positions are grouped by the key
+    (sample, row), summed, made absolute and added into their row.
+    """
+    B, L = indices.shape
+    D = delta.shape[-1]
+    dt = acc_dtype(delta.dtype)
+    idx = indices.reshape(B, L).long()
+    d = delta.reshape(B * L, D).to(dt)
+    keep = torch.ones(B * L, dtype=torch.bool, device=idx.device)
+    if padding_idx is not None:
+        keep = idx.reshape(-1) != (padding_idx % num_embeddings)
+    sample = torch.arange(B, device=idx.device).repeat_interleave(L)
+    keys = (sample * num_embeddings + idx.reshape(-1))[keep]
+    uniq, inverse = torch.unique(keys, return_inverse=True)
+    per_key = torch.zeros(uniq.numel(), D, dtype=dt, device=d.device).index_add_(0, inverse, d[keep])
+    out = torch.zeros(num_embeddings, D, dtype=dt, device=d.device)
+    return out.index_add_(0, uniq % num_embeddings, per_key.abs())
+
+
+# --------------------------------------------------------------------------- state updates
+
+
+def running_mean_update_(
+    means: Sequence[Tensor],
+    comps: Sequence[Tensor],
+    batch_sums: Sequence[Tensor],
+    count: int,
+    batch_count: int,
+) -> None:
+    """Fold a batch sum S (over `batch_count` samples) into a running mean of `count` samples.
+
+    mean ← mean + (S − n_b·mean)/(N + n_b), added with Kahan compensation (`comps` holds
+    the lost low-order bits), so that streaming 10⁷ samples stays at float32 round-off
+    instead of drifting with the number of updates.
+    """
+    total = count + batch_count
+    for m, c, s in zip(means, comps, batch_sums):
+        delta = (s.to(m.dtype) - batch_count * m) / total
+        y = delta - c
+        t = m + y
+        c.copy_((t - m) - y)
+        m.copy_(t)
+
+
+def merge_(dst: Sequence[Tensor], src: Sequence[Tensor], a: float, b: float) -> None:
+    """dst ← a·dst + b·src, per tensor: Ω merge across tasks (sum: a=b=1; alpha: a=α, b=1−α)."""
+    for d, s in zip(dst, src):
+        d.mul_(a).add_(s.to(d.dtype), alpha=b)
+
+
+# --------------------------------------------------------------------------- penalty
+
+
+def penalty(params: Sequence[Tensor], theta_star: Sequence[Tensor], omega: Sequence[Tensor],
+            lam: float) -> Tensor:
+    """λ Σ_i Ω_i (θ_i − θ*_i)², differentiable w.r.t. `params`, accumulated in Ω's dtype."""
+    if len(params) == 0:
+        return torch.zeros((), dtype=torch.float32)
+    terms = [(o * (p.to(o.dtype) - t).square()).sum() for p, t, o in zip(params, theta_star, omega)]
+    return lam * torch.stack(terms).sum()
+
+
+def penalty_grad(params: Sequence[Tensor], theta_star: Sequence[Tensor], omega: Sequence[Tensor],
+                 lam: float) -> list[Tensor]:
+    """2λΩ(θ − θ*) per tensor, in the parameter's dtype: the gradient of `penalty`."""
+    return [(2.0 * lam * o * (p.detach().to(o.dtype) - t)).to(p.dtype)
+            for p, t, o in zip(params, theta_star, omega)]
+
+
+def penalty_and_grad_(params: Sequence[Tensor], grads: Sequence[Tensor], theta_star: Sequence[Tensor],
+                      omega: Sequence[Tensor], lam: float) -> Tensor:
+    """grad += 2λΩ(θ − θ*) in place; returns the penalty λ Σ Ω (θ − θ*)² (detached)."""
+    with torch.no_grad():
+        value = penalty(params, theta_star, omega, lam)
+        for g, pg in zip(grads, penalty_grad(params, theta_star, omega, lam)):
+            g.add_(pg)
+    return value
+
+
+__all__ = [
+    "abs_matmul", "per_sample_abs_matmul", "per_sample_abs_sum", "conv_abs_grad",
+    "embedding_abs_grad", "running_mean_update_", "merge_", "penalty", "penalty_grad",
+    "penalty_and_grad_", "acc_dtype", "chunk_elements", "samples_per_chunk",
+]

@@ -1,0 +1,310 @@
+"""class MAS: accumulate importance, consolidate tasks, penalise change.
+
+State (all per parameter name, float32 — float64 for float64 parameters):
+- the running mean Ω of the current task (Kahan-compensated) and its sample count;
+- the consolidated Ω of all past tasks and θ*, the parameters at the last consolidation.
+Every public method validates first and mutates last, so a failure leaves the state as it was.
+"""
+from __future__ import annotations
+
+import math
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .importance import MODES, batch_importance
+from .ops.reference import acc_dtype
+
+Tensor = torch.Tensor
+MERGES = ("sum", "alpha")
+STATE_FORMAT = "mas_fast.MAS/1"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel (names without `module.`)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) and type(model).__name__ in (
+        "DistributedDataParallel", "DataParallel") else model
+
+
+def _check_config(lambda_: float, mode: str, merge: str, alpha: float) -> None:
+    if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or not math.isfinite(lambda_) \
+            or lambda_ < 0:
+        raise ValueError(f"lambda_ must be a finite number >= 0, got {lambda_!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+
+
+def batch_input(batch: Any) -> Any:
+    """A loader batch's model input: the first element of a tuple/list (labels ignored)."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise TypeError("the loader yielded an empty tuple/list; expected (inputs, ...)")
+        return batch[0]
+    return batch
+
+
+class _TaskImportance:
+    """Running mean of Σ|g| per sample for the current task, with Kahan compensation."""
+
+    def __init__(self) -> None:
+        self.mean: dict[str, Tensor] = {}
+        self.comp: dict[str, Tensor] = {}
+        self.count = 0
+
+    def copy(self) -> "_TaskImportance":
+        other = _TaskImportance()
+        other.mean = {n: t.clone() for n, t in self.mean.items()}
+        other.comp = {n: t.clone() for n, t in self.comp.items()}
+        other.count = self.count
+        return other
+
+    def add(self, sums: dict[str, Tensor], n: int, backend: str) -> None:
+        for name, s in sums.items():
+            if name not in self.mean:  # first batch of the task
+                self.mean[name] = torch.zeros_like(s)
+                self.comp[name] = torch.zeros_like(s)
+        names = list(sums)
+        ops.running_mean_update_([self.mean[k] for k in names], [self.comp[k] for k in names],
+                                 [sums[k] for k in names], self.count, n, backend=backend)
+        self.count += n
+
+
+class MAS:
+    """Memory Aware Synapses regularizer (Aljundi et al., ECCV 2018).
+
+    Args:
+        model: the network F. Its output (or `output_fn(output)`) must be batch-first.
+        lambda_: λ, the penalty strength.
+        mode: how a task's importance Ω_task is measured from N unlabeled samples:
+            - "per_sample" (the paper): Ω = (1/N) Σ_k |∂‖F(x_k)‖²/∂θ|; equals the authors'
+              code with batch size 1. Exact, computed without per-sample gradient tensors.
+            - "batch" (the authors' code): Ω = (1/N) Σ_b |∂ Σ_{k∈b} ‖F(x_k)‖²/∂θ|; equals
+              Avalanche's MASPlugin normalisation when all batches have the same size.
+            - "local" (Hebbian variant): each layer's own output y is the function; for a
+              Linear layer Ω_ij = (1/N) Σ_k |Σ_t 2 y_kti x_ktj|.
+        merge: across tasks, "sum" (Ω ← Ω + Ω_task, the paper) or "alpha"
+            (Ω ← α Ω + (1−α) Ω_task; the first task sets Ω = Ω_task).
+        alpha: α for merge="alpha".
+        output_fn: maps the model's output (tuple, dict, several heads) to the tensor F.
+        backend: "auto" | "reference" | "cpp" | "triton" | "cuda" (see mas_fast.ops).
+
+    Importance passes run in eval mode (each module's mode restored), never touch
+    `p.grad` and cover the parameters with `requires_grad=True`. Parameters added later
+    (a new head) have zero importance. Ω and θ* are float32 (float64 for float64
+    parameters) and follow the model's device.
+    """
+
+    def __init__(self, model: nn.Module, lambda_: float = 1.0, mode: str = "per_sample",
+                 merge: str = "sum", alpha: float = 0.5,
+                 output_fn: Optional[Callable[[Any], Tensor]] = None, backend: str = "auto") -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_config(lambda_, mode, merge, alpha)
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be callable or None, got {type(output_fn).__name__}")
+        self.model = unwrap(model)
+        self.lambda_ = float(lambda_)
+        self.mode = mode
+        self.merge = merge
+        self.alpha = float(alpha)
+        self.output_fn = output_fn
+        self.backend = ops.check_backend(backend)
+        self.num_tasks = 0
+        self._omega: dict[str, Tensor] = {}
+        self._theta_star: dict[str, Tensor] = {}
+        self._task = _TaskImportance()
+
+    # ------------------------------------------------------------------ importance
+
+    def _trainable(self) -> dict[str, Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _accumulate_into(self, task: _TaskImportance, x: Any) -> int:
+        params = self._trainable()
+        if task.count and set(params) != set(task.mean):
+            added, removed = sorted(set(params) - set(task.mean)), sorted(set(task.mean) - set(params))
+            raise ValueError(f"the model's trainable parameters changed during the task (added: "
+                             f"{added}, removed or frozen: {removed}); consolidate() first")
+        sums, n = batch_importance(self.model, x, params, self.mode, self.output_fn, self.backend)
+        task.add(sums, n, self.backend)
+        return n
+
+    def accumulate(self, x: Any) -> int:
+        """Add one unlabeled batch to the current task's running Ω; returns its sample count.
+
+        Usable at any time (e.g. on unlabeled test-time data): streaming batches of any
+        sizes gives the same Ω as one pass over their union.
+        """
+        return self._accumulate_into(self._task, x)
+
+    def consolidate(self, loader: Optional[Iterable] = None, progress: bool = True) -> None:
+        """End the current task: merge its Ω into the total and snapshot θ*.
+
+        With a `loader`, first accumulate over it (batches that are tuples/lists use their
+        first element; labels are ignored), with a tqdm progress bar unless `progress=False`.
+        If the loader or an importance pass fails, nothing changes.
+        """
+        task = self._task
+        if loader is not None:
+            from tqdm.auto import tqdm
+
+            task = task.copy() if task.count else _TaskImportance()
+            for batch in tqdm(loader, desc="MAS importance", disable=not progress, leave=False):
+                self._accumulate_into(task, batch_input(batch))
+        if task.count == 0:
+            raise ValueError("nothing to consolidate: the loader yielded no samples"
+                             if loader is not None else
+                             "nothing to consolidate: call accumulate(x) or pass a loader first")
+        named = dict(self.model.named_parameters())
+        missing = sorted(n for n in set(self._omega) | set(task.mean) if n not in named)
+        if missing:
+            raise ValueError(f"parameters with importance are missing from the model: {missing}")
+        omega = self._merged(task.mean)
+        theta_star = {n: named[n].detach().to(acc_dtype(named[n].dtype), copy=True) for n in omega}
+        self._omega, self._theta_star = omega, theta_star
+        self._task = _TaskImportance()
+        self.num_tasks += 1
+
+    def _merged(self, task_omega: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not self._omega:
+            return {n: t.clone() for n, t in task_omega.items()}
+        a, b = (1.0, 1.0) if self.merge == "sum" else (self.alpha, 1.0 - self.alpha)
+        merged = {n: t.clone() for n, t in self._omega.items()}
+        for n, t in task_omega.items():
+            merged.setdefault(n, torch.zeros_like(t))
+        untouched = [n for n in merged if n not in task_omega]
+        ops.merge_([merged[n] for n in task_omega], list(task_omega.values()), a, b, backend=self.backend)
+        if untouched and a != 1.0:  # absent from this task: Ω_task = 0 there
+            torch._foreach_mul_([merged[n] for n in untouched], a)
+        return merged
+
+    # ------------------------------------------------------------------ penalty
+
+    def _aligned(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        named = dict(self.model.named_parameters())
+        problems = []
+        for n, o in self._omega.items():
+            p = named.get(n)
+            if p is None:
+                problems.append(f"{n}: missing from the model")
+            elif p.shape != o.shape:
+                problems.append(f"{n}: model shape {tuple(p.shape)} != stored {tuple(o.shape)}")
+        if problems:
+            raise ValueError("the model does not match the consolidated MAS state: " + "; ".join(problems))
+        for n, o in self._omega.items():  # follow the model to a new device
+            if o.device != named[n].device:
+                self._omega[n] = o.to(named[n].device)
+                self._theta_star[n] = self._theta_star[n].to(named[n].device)
+        names = list(self._omega)
+        return [named[n] for n in names], [self._theta_star[n] for n in names], [self._omega[n] for n in names]
+
+    def _zero(self) -> Tensor:
+        p = next(self.model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+
+    def penalty(self) -> Tensor:
+        """λ Σ Ω (θ − θ*)² as a differentiable scalar (0 before the first consolidate)."""
+        if not self._omega:
+            return self._zero()
+        params, theta_star, omega = self._aligned()
+        return ops.penalty(params, theta_star, omega, self.lambda_, backend=self.backend)
+
+    def add_penalty_grad_(self) -> Tensor:
+        """After `loss.backward()`: p.grad += 2λΩ(θ − θ*); returns the penalty value.
+
+        Equivalent to adding `penalty()` to the loss. Covered parameters whose grad is
+        None (unused by this loss, e.g. an old head) get a zero grad first; frozen
+        parameters are skipped.
+        """
+        if not self._omega:
+            return self._zero()
+        params, theta_star, omega = self._aligned()
+        keep = [i for i, p in enumerate(params) if p.requires_grad]
+        if keep and all(params[i].grad is None for i in keep):
+            raise RuntimeError("add_penalty_grad_() found no gradients: call it after loss.backward()")
+        for i in keep:
+            if params[i].grad is None:
+                params[i].grad = torch.zeros_like(params[i])
+        params = [params[i] for i in keep]
+        return ops.penalty_and_grad_(params, [p.grad for p in params], [theta_star[i] for i in keep],
+                                     [omega[i] for i in keep], self.lambda_, backend=self.backend)
+
+    # ------------------------------------------------------------------ views and state
+
+    @property
+    def importance(self) -> Mapping[str, Tensor]:
+        """Consolidated Ω by parameter name (a read-only mapping; do not modify the tensors)."""
+        return MappingProxyType(self._omega)
+
+    @property
+    def theta_star(self) -> Mapping[str, Tensor]:
+        """θ*, the parameters at the last consolidation (read-only mapping)."""
+        return MappingProxyType(self._theta_star)
+
+    @property
+    def task_importance(self) -> Mapping[str, Tensor]:
+        """The current task's running Ω (not yet consolidated)."""
+        return MappingProxyType(self._task.mean)
+
+    @property
+    def samples_seen(self) -> int:
+        """Samples accumulated in the current task so far."""
+        return self._task.count
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain types only: loads with `torch.load(..., weights_only=True)`."""
+        return {
+            "format": STATE_FORMAT, "mode": self.mode, "lambda_": self.lambda_, "merge": self.merge,
+            "alpha": self.alpha, "num_tasks": self.num_tasks,
+            "omega": dict(self._omega), "theta_star": dict(self._theta_star),
+            "task_count": self._task.count, "task_mean": dict(self._task.mean),
+            "task_comp": dict(self._task.comp),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state (configuration included, like torch.optim); the model must match.
+
+        Raises ValueError listing every parameter whose name or shape does not match,
+        before anything changes.
+        """
+        keys = ("format", "mode", "lambda_", "merge", "alpha", "num_tasks", "omega", "theta_star",
+                "task_count", "task_mean", "task_comp")
+        if not isinstance(state, Mapping) or any(k not in state for k in keys):
+            missing = [k for k in keys if not isinstance(state, Mapping) or k not in state]
+            raise ValueError(f"not a mas_fast MAS state_dict (missing keys: {missing})")
+        if state["format"] != STATE_FORMAT:
+            raise ValueError(f"unsupported MAS state format {state['format']!r} (expected {STATE_FORMAT!r})")
+        _check_config(state["lambda_"], state["mode"], state["merge"], state["alpha"])
+        if set(state["omega"]) != set(state["theta_star"]) or set(state["task_mean"]) != set(state["task_comp"]):
+            raise ValueError("corrupt MAS state: omega/theta_star or task_mean/task_comp name sets differ")
+        named = dict(self.model.named_parameters())
+        problems = []
+        for group in ("omega", "theta_star", "task_mean", "task_comp"):
+            for n, t in state[group].items():
+                if not isinstance(t, Tensor) or not t.is_floating_point():
+                    problems.append(f"{group}[{n}]: not a floating-point tensor")
+                elif n not in named:
+                    problems.append(f"{group}[{n}]: no such parameter in the model")
+                elif tuple(t.shape) != tuple(named[n].shape):
+                    problems.append(f"{group}[{n}]: stored shape {tuple(t.shape)} != model shape "
+                                    f"{tuple(named[n].shape)}")
+        if problems:
+            raise ValueError("MAS state does not match the model: " + "; ".join(problems))
+
+        def place(group: str) -> dict[str, Tensor]:
+            return {n: t.detach().to(device=named[n].device, dtype=acc_dtype(named[n].dtype), copy=True)
+                    for n, t in state[group].items()}
+
+        task = _TaskImportance()
+        task.mean, task.comp, task.count = place("task_mean"), place("task_comp"), int(state["task_count"])
+        self._omega, self._theta_star, self._task = place("omega"), place("theta_star"), task
+        self.mode, self.lambda_, self.merge = state["mode"], float(state["lambda_"]), state["merge"]
+        self.alpha, self.num_tasks = float(state["alpha"]), int(state["num_tasks"])
