@@ -1,0 +1,86 @@
+"""Shared benchmark plumbing: device description, timing via pytest-benchmark, result rows.
+
+A benchmark test times each implementation with `measure(benchmark, fn)` (pytest-benchmark
+pedantic rounds, CUDA-synchronised) and files the median with `record(...)`. At the end of
+the session conftest.py writes every row plus the ratio of each row to the baseline of its
+group, measured in the same run, to benchmarks/results/<suite>-<device>.json.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+from typing import Any, Callable
+
+import torch
+
+ROWS: list[dict[str, Any]] = []
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+
+
+def device_name(device: str) -> str:
+    """A human-readable name for the device the numbers come from."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    return f"{cpu} ({os.cpu_count()} cores)"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(benchmark, fn: Callable[[], Any], device: str = "cpu", rounds: int = 10,
+            warmup: int = 2, setup: Callable[[], Any] | None = None) -> float:
+    """Median seconds of `fn` over `rounds` (after `warmup`), timed by pytest-benchmark."""
+    def run():
+        fn()
+        sync(device)
+
+    for _ in range(warmup):
+        if setup:
+            setup()
+        run()
+    benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1)
+    return float(benchmark.stats.stats.median)
+
+
+def record(suite: str, group: str, name: str, seconds: float, device: str, *,
+           baseline: bool = False, **extra: Any) -> None:
+    """File one timing. Each group needs exactly one row with baseline=True."""
+    ROWS.append(dict(suite=suite, group=group, name=name, seconds=seconds, device=device,
+                     baseline=baseline, **extra))
+
+
+def write_results() -> list[str]:
+    """Write one JSON per (suite, device) with ratios to the group's baseline; returns paths."""
+    paths = []
+    keys = sorted({(r["suite"], r["device"]) for r in ROWS})
+    for suite, device in keys:
+        rows = [r for r in ROWS if r["suite"] == suite and r["device"] == device]
+        base = {r["group"]: r["seconds"] for r in rows if r["baseline"]}
+        for r in rows:
+            if r["group"] in base:
+                r["ratio_to_baseline"] = r["seconds"] / base[r["group"]]
+        name = device_name(device)
+        doc = {
+            "suite": suite, "device": name, "device_kind": device.split(":")[0],
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "date": datetime.date.today().isoformat(), "rows": rows,
+        }
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40]
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        path = os.path.join(os.environ.get("MAS_FAST_BENCH_OUT", RESULTS_DIR), f"{suite}-{slug}.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1)
+        paths.append(path)
+    return paths
