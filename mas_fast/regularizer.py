@@ -188,6 +188,14 @@ class MAS:
 
     # ------------------------------------------------------------------ penalty
 
+    def penalty_terms(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Aligned lists (parameters, θ*, Ω) of the consolidated parameters (empty before).
+
+        Raises ValueError listing parameters that are missing from the model or changed shape.
+        Fused optimizers use it to fold the penalty into their step.
+        """
+        return self._aligned() if self._omega else ([], [], [])
+
     def _aligned(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         named = dict(self.model.named_parameters())
         problems = []

@@ -4,10 +4,12 @@ Backends are modules with the same op functions as `reference.py` plus:
 - `OPS`: the names of the ops they implement;
 - `unavailable_reason() -> str | None`: why the backend cannot run at all (not built,
   no GPU, …) or None;
-- `not_supported_reasons(op, tensors) -> list[str]`: why it cannot run these inputs.
+- `not_supported_reasons(op, tensors) -> list[str]`: why it cannot run these inputs;
+- optionally `AUTO_DEVICES`: the device types "auto" may pick it for (default: any). The
+  Triton interpreter runs CPU tensors when asked explicitly, but is never a fast choice.
 
-"auto" takes the first backend in `PRIORITY` that implements the op and has no reasons
-(like xformers' dispatch). An explicit backend runs every op it implements and raises
+"auto" takes the first backend in `PRIORITY` that implements the op, is auto-eligible for
+the tensors' device and has no reasons (like xformers' dispatch). An explicit backend runs every op it implements and raises
 with all the reasons when it cannot; ops it does not implement run on the reference.
 Every backend's `penalty` must be differentiable w.r.t. the parameters.
 """
@@ -71,9 +73,12 @@ def select(op: str, backend: str, tensors: Sequence[Tensor]) -> ModuleType:
     """The backend module that runs `op` on `tensors` (see the module docstring)."""
     check_backend(backend)
     if backend == "auto":
+        devices = {t.device.type for t in tensors}
         for name in PRIORITY:
             module, _ = _load(name)
-            if module is not None and op in getattr(module, "OPS", ()) and not _reasons(module, op, tensors):
+            if (module is not None and op in getattr(module, "OPS", ())
+                    and devices <= set(getattr(module, "AUTO_DEVICES", devices))
+                    and not _reasons(module, op, tensors)):
                 return module
         return reference
     module, why = _load(backend)
