@@ -8,8 +8,9 @@
 from .importance import MODES, NonFiniteError
 from .ops import BACKENDS, BackendUnavailable, backend_status
 from .regularizer import MAS
+from . import optim
 
 __version__ = "0.1.0"
 
-__all__ = ["MAS", "MODES", "BACKENDS", "BackendUnavailable", "NonFiniteError", "backend_status",
+__all__ = ["MAS", "optim", "MODES", "BACKENDS", "BackendUnavailable", "NonFiniteError", "backend_status",
            "__version__"]

@@ -16,7 +16,6 @@ Every backend's `penalty` must be differentiable w.r.t. the parameters.
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
 from types import ModuleType
 from typing import Optional, Sequence
 
@@ -47,15 +46,30 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-@lru_cache(maxsize=None)
+_LOADED: dict[str, tuple[Optional[ModuleType], Optional[str]]] = {}
+
+
+# torch.compile runs this eagerly instead of tracing the imports; it loads every backend at
+# once so that a trace only ever reads the complete `_LOADED`.
+@torch.compiler.assume_constant_result
+def _load_all() -> bool:
+    for name in BACKENDS:
+        if name in _LOADED:
+            continue
+        try:
+            module = importlib.import_module(_MODULES[name])
+        except ImportError as exc:
+            _LOADED[name] = None, f"backend {name!r} is not installed ({exc})"
+            continue
+        reason = module.unavailable_reason() if hasattr(module, "unavailable_reason") else None
+        _LOADED[name] = (None, reason) if reason else (module, None)
+    return True
+
+
 def _load(name: str) -> tuple[Optional[ModuleType], Optional[str]]:
     """(module, None) when the backend can run here, else (None, reason)."""
-    try:
-        module = importlib.import_module(_MODULES[name])
-    except ImportError as exc:
-        return None, f"backend {name!r} is not installed ({exc})"
-    reason = module.unavailable_reason() if hasattr(module, "unavailable_reason") else None
-    return (None, reason) if reason else (module, None)
+    _load_all()
+    return _LOADED[name]
 
 
 def backend_status() -> dict[str, Optional[str]]:
@@ -159,9 +173,36 @@ def penalty_and_grad_(params: Sequence[Tensor], grads: Sequence[Tensor], theta_s
     return impl.penalty_and_grad_(params, grads, theta_star, omega, lam)
 
 
+# --------------------------------------------------------------------------- fused optimizer steps
+
+
+def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+              theta_star: Sequence[Tensor], omega: Sequence[Tensor], *, lam: float, lr: float,
+              momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+              init_buffers: bool, backend: str = "auto") -> Tensor:
+    """torch.optim.SGD step on g + 2λΩ(θ−θ*) (plain where θ* is empty); returns the penalty."""
+    impl = select("sgd_step_", backend, _flat(params, grads, momentum_buffers, theta_star, omega))
+    return impl.sgd_step_(params, grads, momentum_buffers, theta_star, omega, lam=lam, lr=lr,
+                          momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                          nesterov=nesterov, maximize=maximize, init_buffers=init_buffers)
+
+
+def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+               exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
+               theta_star: Sequence[Tensor], omega: Sequence[Tensor], *, lam: float, lr: float, beta1: float,
+               beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool,
+               maximize: bool, backend: str = "auto") -> Tensor:
+    """torch.optim.Adam(W) step on g + 2λΩ(θ−θ*) (plain where θ* is empty); returns the penalty."""
+    impl = select("adam_step_", backend,
+                  _flat(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, theta_star, omega))
+    return impl.adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star, omega,
+                           lam=lam, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                           decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize)
+
+
 __all__ = [
     "BACKENDS", "PRIORITY", "BackendUnavailable", "backend_status", "check_backend", "select",
     "abs_matmul", "per_sample_abs_matmul", "per_sample_abs_sum", "conv_abs_grad",
     "embedding_abs_grad", "running_mean_update_", "merge_", "penalty", "penalty_and_grad_",
-    "reference",
+    "sgd_step_", "adam_step_", "reference",
 ]

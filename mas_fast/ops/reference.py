@@ -178,17 +178,23 @@ def merge_(dst: Sequence[Tensor], src: Sequence[Tensor], a: float, b: float) -> 
 
 def penalty(params: Sequence[Tensor], theta_star: Sequence[Tensor], omega: Sequence[Tensor],
             lam: float) -> Tensor:
-    """λ Σ_i Ω_i (θ_i − θ*_i)², differentiable w.r.t. `params`, accumulated in Ω's dtype."""
+    """λ Σ_i Ω_i (θ_i − θ*_i)², differentiable w.r.t. `params`, returned in Ω's dtype.
+
+    Every term and the sum are computed in float64: Ω near the float32 limit times (θ − θ*)²
+    can overflow float32 although λ·Σ fits, so the result is inf only when it truly exceeds
+    the float32 range.
+    """
     if len(params) == 0:
         return torch.zeros((), dtype=torch.float32)
-    terms = [(o * (p.to(o.dtype) - t).square()).sum() for p, t, o in zip(params, theta_star, omega)]
-    return lam * torch.stack(terms).sum()
+    terms = [(o.double() * (p.double() - t).square()).sum() for p, t, o in zip(params, theta_star, omega)]
+    return (lam * torch.stack(terms).sum()).to(omega[0].dtype)
 
 
 def penalty_grad(params: Sequence[Tensor], theta_star: Sequence[Tensor], omega: Sequence[Tensor],
                  lam: float) -> list[Tensor]:
-    """2λΩ(θ − θ*) per tensor, in the parameter's dtype: the gradient of `penalty`."""
-    return [(2.0 * lam * o * (p.detach().to(o.dtype) - t)).to(p.dtype)
+    """2λΩ(θ − θ*) per tensor, in the parameter's dtype: the gradient of `penalty`
+    (computed in float64, so that a huge Ω with a small λ does not overflow on the way)."""
+    return [(2.0 * lam * o.double() * (p.detach().double() - t)).to(p.dtype)
             for p, t, o in zip(params, theta_star, omega)]
 
 
@@ -202,8 +208,87 @@ def penalty_and_grad_(params: Sequence[Tensor], grads: Sequence[Tensor], theta_s
     return value
 
 
+# --------------------------------------------------------------------------- fused optimizer steps
+# One step of torch.optim's SGD / Adam(W) on the gradient of loss + λΣΩ(θ−θ*)², i.e. on
+# g + 2λΩ(θ−θ*) where θ*/Ω are given (one per parameter; empty lists: a plain step). The
+# arithmetic runs in the accumulation dtype (fp32 for bf16/fp16 parameters, rounded once when
+# stored) in torch.optim's foreach order of operations. Both return λΣΩ(θ−θ*)² at the
+# parameters before the step (0 without θ*).
+
+
+def _penalised_grads(params: Sequence[Tensor], grads: Sequence[Tensor], theta_star: Sequence[Tensor],
+                     omega: Sequence[Tensor], lam: float) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """(penalty value, θ upcast, g + 2λΩ(θ−θ*) upcast) for the step functions below."""
+    pvs = [p.detach().to(acc_dtype(p.dtype)) for p in params]
+    gs = [g.to(pv.dtype) for g, pv in zip(grads, pvs)]
+    if not theta_star:
+        return torch.zeros((), dtype=torch.float32), pvs, gs
+    value = penalty(pvs, theta_star, omega, lam)
+    gs = [g + (2.0 * lam) * o * (pv - t) for g, pv, t, o in zip(gs, pvs, theta_star, omega)]
+    return value, pvs, gs
+
+
+def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+              theta_star: Sequence[Tensor], omega: Sequence[Tensor], *, lam: float, lr: float,
+              momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+              init_buffers: bool) -> Tensor:
+    """torch.optim.SGD step with the MAS penalty folded in, in place on params and buffers.
+
+    momentum_buffers: one per parameter when momentum != 0 (else empty); with
+    `init_buffers` they hold no history yet and are set to the gradient (the first step).
+    """
+    with torch.no_grad():
+        value, pvs, gs = _penalised_grads(params, grads, theta_star, omega, lam)
+        for i, (p, pv, g) in enumerate(zip(params, pvs, gs)):
+            if maximize:
+                g = -g
+            if weight_decay != 0:
+                g = g + weight_decay * pv
+            if momentum != 0:
+                buf = momentum_buffers[i]
+                b = g if init_buffers else buf.to(g.dtype) * momentum + (1.0 - dampening) * g
+                buf.copy_(b)
+                g = g + momentum * b if nesterov else b
+            p.copy_(pv + (-lr) * g)
+    return value
+
+
+def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+               exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
+               theta_star: Sequence[Tensor], omega: Sequence[Tensor], *, lam: float, lr: float, beta1: float,
+               beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool,
+               maximize: bool) -> Tensor:
+    """torch.optim.Adam (AdamW: decoupled_weight_decay) step with the MAS penalty folded in.
+
+    In place on params and the state; `steps` are torch.optim's per-parameter step counters
+    (one-element tensors, incremented first); max_exp_avg_sqs is empty without amsgrad.
+    """
+    with torch.no_grad():
+        value, pvs, gs = _penalised_grads(params, grads, theta_star, omega, lam)
+        for i, (p, pv, g) in enumerate(zip(params, pvs, gs)):
+            if maximize:
+                g = -g
+            if weight_decay != 0 and not decoupled_weight_decay:
+                g = g + weight_decay * pv
+            if weight_decay != 0 and decoupled_weight_decay:
+                pv = pv * (1.0 - lr * weight_decay)
+            steps[i].add_(1)
+            step = steps[i].item()
+            step_size = lr / (1.0 - beta1 ** step)
+            bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+            m = torch.lerp(exp_avgs[i].to(g.dtype), g, 1.0 - beta1)
+            v = exp_avg_sqs[i].to(g.dtype) * beta2 + (1.0 - beta2) * g * g
+            exp_avgs[i].copy_(m)
+            exp_avg_sqs[i].copy_(v)
+            if amsgrad:
+                v = torch.maximum(max_exp_avg_sqs[i].to(g.dtype), v)
+                max_exp_avg_sqs[i].copy_(v)
+            p.copy_(pv + (-step_size) * m / (v.sqrt() / bc2_sqrt + eps))
+    return value
+
+
 __all__ = [
     "abs_matmul", "per_sample_abs_matmul", "per_sample_abs_sum", "conv_abs_grad",
     "embedding_abs_grad", "running_mean_update_", "merge_", "penalty", "penalty_grad",
-    "penalty_and_grad_", "acc_dtype", "chunk_elements", "samples_per_chunk",
+    "penalty_and_grad_", "sgd_step_", "adam_step_", "acc_dtype", "chunk_elements", "samples_per_chunk",
 ]

@@ -1,0 +1,103 @@
+"""One AdamW step with the MAS penalty on CPU, fused vs torch.optim, at 1M/25M/100M parameters.
+
+Same parameter layout as bench_penalty.py (fp32 1024×1024 layers + biases, grads present, MAS
+holding θ* and Ω for every parameter). Rows per size:
+- torch AdamW (baseline): torch.optim.AdamW(foreach=True).step(), no penalty at all;
+- fused AdamW+MAS: mas_fast.optim.AdamW(regularizer=mas).step() (cpp backend), penalty folded in;
+- torch AdamW + autograd penalty: `(mas.penalty() in the loss).backward()` on the reference
+  (autograd) backend, then torch's step — what a user of torch.optim pays today.
+Each size runs with 1 thread and with all cores (see bench_penalty.py). `test_goals` checks
+issue 4's bars on this run's rows: fused ≤ 1.15× the penalty-free torch step, and ≥ 2.5×
+faster than torch AdamW + autograd penalty.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bench_penalty import SIZES, THREADS, group, make_terms, rounds_for, with_threads
+from common import ROWS, measure, record
+from mas_fast import MAS, ops, optim
+
+SUITE = "optim"
+LAM = 0.5
+LR = 1e-4  # small: parameters stay near θ* over the timed steps
+METHODS = ("torch AdamW", "fused AdamW+MAS", "torch AdamW + autograd penalty")
+
+
+class Params(nn.Module):
+    def __init__(self, params: list[torch.Tensor]):
+        super().__init__()
+        self.params = nn.ParameterList([nn.Parameter(p.detach(), requires_grad=True) for p in params])
+
+
+def make_task(size: str) -> tuple[Params, dict]:
+    """A module holding the size's parameters (with grads) and a MAS state_dict covering them."""
+    params, theta_star, omega = make_terms(size)
+    model = Params(params)
+    for p, q in zip(model.parameters(), params):
+        p.grad = q.grad
+    names = [n for n, _ in model.named_parameters()]
+    state = MAS(model, lambda_=LAM).state_dict()
+    state.update(num_tasks=1, omega=dict(zip(names, omega)), theta_star=dict(zip(names, theta_star)))
+    return model, state
+
+
+_CACHE: dict[str, tuple] = {}
+
+
+def task(size: str) -> tuple:
+    if size not in _CACHE:
+        _CACHE.clear()
+        gc.collect()
+        _CACHE[size] = make_task(size)
+    return _CACHE[size]
+
+
+@pytest.mark.skipif(ops.backend_status()["cpp"] is not None, reason=str(ops.backend_status()["cpp"]))
+@pytest.mark.parametrize("size,threads,method", [(s, t, m) for s in SIZES for t in THREADS for m in METHODS])
+def test_adamw_step(benchmark, size, threads, method):
+    model, state = task(size)
+    backend = "reference" if method == "torch AdamW + autograd penalty" else "cpp"
+    mas = MAS(model, lambda_=LAM, backend=backend)
+    mas.load_state_dict(state)
+    if method == "fused AdamW+MAS":
+        opt = optim.AdamW(model.parameters(), lr=LR, regularizer=mas)
+        step = opt.step
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, foreach=True)
+        if method == "torch AdamW":
+            step = opt.step
+        else:
+            def step():
+                mas.penalty().backward()
+                opt.step()
+    n = sum(p.numel() for p in model.parameters())
+    rounds, warmup = rounds_for(size, slow=method == "torch AdamW + autograd penalty")
+    seconds = with_threads(threads, lambda: measure(benchmark, step, rounds=rounds, warmup=warmup))
+    record(SUITE, group(size, threads), method, seconds, "cpu", baseline=method == "torch AdamW", params=n,
+           threads=threads)
+    del opt, mas
+    gc.collect()
+
+
+def test_goals():
+    """Issue 4: fused ≤ 1.15× torch AdamW without penalty; ≥ 2.5× faster than + autograd penalty."""
+    rows = [r for r in ROWS if r["suite"] == SUITE]
+    if not rows:
+        pytest.skip("no optim rows in this run")
+    failures = []
+    for name in dict.fromkeys(r["group"] for r in rows):
+        t = {r["name"]: r["seconds"] for r in rows if r["group"] == name}
+        if len(t) < len(METHODS):
+            continue
+        overhead = t["fused AdamW+MAS"] / t["torch AdamW"]
+        speedup = t["torch AdamW + autograd penalty"] / t["fused AdamW+MAS"]
+        print(f"{name}: fused = {overhead:.2f}× torch AdamW without penalty, "
+              f"{speedup:.1f}× faster than torch AdamW + autograd penalty")
+        if overhead > 1.15 or speedup < 2.5:
+            failures.append(f"{name}: {overhead:.2f}× (goal ≤ 1.15), {speedup:.2f}× (goal ≥ 2.5)")
+    assert not failures, "; ".join(failures)

@@ -1,0 +1,109 @@
+// Multi-tensor work splitting (like apex/ATen MultiTensorApply): every tensor is cut into
+// fixed 65,536-element chunks and one OpenMP loop covers the chunks of all tensors.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <type_traits>
+#include <vector>
+
+#include "kernels.h"
+#include "numeric.h"
+
+namespace mas_fast {
+
+constexpr int64_t kChunk = 1 << 16;
+
+struct Chunk {
+  int64_t tensor, begin, end;
+};
+
+inline std::vector<Chunk> make_chunks(int64_t n, const int64_t* numel) {
+  std::vector<Chunk> chunks;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t b = 0; b < numel[i]; b += kChunk)
+      chunks.push_back({i, b, b + kChunk < numel[i] ? b + kChunk : numel[i]});
+  return chunks;
+}
+
+// Calls f(chunk) for every chunk in parallel and returns the sum of its results, added in
+// chunk order so that the total does not depend on the number of threads.
+template <typename F>
+double sum_over_chunks(int64_t n, const int64_t* numel, int threads, F&& f) {
+  const std::vector<Chunk> chunks = make_chunks(n, numel);
+  const int64_t count = static_cast<int64_t>(chunks.size());
+  std::vector<double> partial(chunks.size(), 0.0);
+#pragma omp parallel for schedule(static) num_threads(threads) if (count > 1)
+  for (int64_t c = 0; c < count; ++c) partial[c] = f(chunks[c]);
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+// sum_over_chunks for in-place ops that return nothing.
+template <typename F>
+void for_each_chunk(int64_t n, const int64_t* numel, int threads, F&& f) {
+  sum_over_chunks(n, numel, threads, [&](const Chunk& c) {
+    f(c);
+    return 0.0;
+  });
+}
+
+// Σ term(i) for i in [begin, end), in double, kept in 8 independent partial sums: the loop
+// vectorises without -ffast-math and the result is deterministic. term may also write element i.
+template <typename F>
+inline double lane_sum(int64_t begin, int64_t end, F&& term) {
+  constexpr int kLanes = 8;
+  double lanes[kLanes] = {};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += term(i + k);
+  for (int k = 0; i < end; ++i, ++k) lanes[k] += term(i);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// Ω(θ−θ*)² of one element, in double: finite whenever the term itself fits a double, even
+// when Ω(θ−θ*) would overflow fp32. (Gradients are computed as (2λ·Ω)·(θ−θ*) for the same
+// reason: 2λΩ(θ−θ*) fits where Ω(θ−θ*) may not.)
+template <typename A>
+inline double penalty_term(A d, A om) {
+  return double(om) * double(d) * double(d);
+}
+
+template <typename T> struct Type { using type = T; };
+
+// Calls body(Type<T>{}) for the C++ type T of `dtype`.
+template <typename Body>
+auto dispatch_dtype(DType dtype, Body&& body) {
+  switch (dtype) {
+    case DType::f32: return body(Type<float>{});
+    case DType::f64: return body(Type<double>{});
+    case DType::bf16: return body(Type<bf16>{});
+    case DType::f16: return body(Type<f16>{});
+  }
+  throw std::invalid_argument("mas_fast: unknown dtype");
+}
+
+// Same for ops whose tensors are all in an accumulation type (Ω merge, running means).
+template <typename Body>
+auto dispatch_acc_dtype(DType dtype, Body&& body) {
+  switch (dtype) {
+    case DType::f32: return body(Type<float>{});
+    case DType::f64: return body(Type<double>{});
+    default: throw std::invalid_argument("mas_fast: expected a float32 or float64 tensor");
+  }
+}
+
+// Calls f(std::true_type{}) or f(std::false_type{}): turns a flag that decides whether a loop
+// stores to an array into a compile-time constant, so that the loop has no branches.
+template <typename F>
+auto with_flag(bool flag, F&& f) {
+  return flag ? f(std::true_type{}) : f(std::false_type{});
+}
+
+template <typename T> inline T* ptr(void* const* list, int64_t i) { return static_cast<T*>(list[i]); }
+template <typename T> inline const T* ptr(const void* const* list, int64_t i) {
+  return static_cast<const T*>(list[i]);
+}
+
+}  // namespace mas_fast

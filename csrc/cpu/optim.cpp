@@ -1,0 +1,182 @@
+// Fused SGD / Adam(W) steps with the MAS penalty gradient 2λΩ(θ−θ*) folded into the gradient:
+// one pass reads θ, g, the optimizer state, θ* and Ω and writes θ and the state. Arithmetic is
+// in the accumulation type (fp32 for bf16/fp16 parameters, rounded once when stored), in
+// torch.optim's foreach order of operations, so fp32 trajectories agree with torch.optim +
+// an autograd penalty to round-off.
+#include <cmath>
+
+#include "kernels.h"
+#include "multi_tensor.h"
+
+namespace mas_fast {
+namespace cpu {
+
+namespace {
+
+// Per-call coefficients in the arithmetic type.
+template <typename A>
+struct SgdCoeffs {
+  A two_lam, lr, wd, momentum, keep;  // keep = 1 − dampening
+  bool maximize, has_wd, nesterov, init_buffers;
+};
+
+template <typename A>
+struct AdamCoeffs {
+  A two_lam, wd, eps, w1, beta2, w2, decay;  // w1 = 1 − β1, w2 = 1 − β2, decay = 1 − lr·wd
+  bool maximize, l2, decoupled, small_w1;
+};
+
+// torch's lerp: start + w·(end − start) for |w| < 0.5, else end − (end − start)·(1 − w).
+template <typename A>
+inline A lerp(A start, A end, A w, bool small_weight) {
+  return small_weight ? start + w * (end - start) : end - (end - start) * (A(1) - w);
+}
+
+// Each chunk is processed in blocks of kBlock elements, in two loops: the first writes the
+// gradient g + 2λΩ(θ−θ*) of the block into a buffer (and sums the penalty), the second runs
+// the optimizer update from it. One loop touching all of θ, g, θ*, Ω and the state streams
+// from 9 arrays at once and runs ~3× slower (measured on AMD EPYC); the buffer stays in L1.
+constexpr int64_t kBlock = 512;
+
+// buf[i − begin] = g + 2λΩ(θ−θ*) (plain g without penalty) over [begin, end); returns ΣΩ(θ−θ*)².
+template <bool kPenalty, typename T, typename A>
+double penalised_grads(const T* __restrict__ p, const T* __restrict__ g, const A* __restrict__ ts,
+                       const A* __restrict__ om, int64_t begin, int64_t end, A two_lam, A* __restrict__ buf) {
+  if constexpr (kPenalty) {
+    return lane_sum(begin, end, [&](int64_t i) {
+      const A o = om[i];
+      const A d = load(p, i) - ts[i];
+      buf[i - begin] = load(g, i) + two_lam * o * d;
+      return penalty_term(d, o);
+    });
+  } else {
+    for (int64_t i = begin; i < end; ++i) buf[i - begin] = load(g, i);
+    return 0.0;
+  }
+}
+
+// Calls f(block_begin, block_end, gradient_buffer) over [begin, end); returns the sum of its results.
+template <typename A, typename F>
+double over_blocks(int64_t begin, int64_t end, F&& f) {
+  A buf[kBlock];
+  double sum = 0.0;
+  for (int64_t b = begin; b < end; b += kBlock) sum += f(b, b + kBlock < end ? b + kBlock : end, buf);
+  return sum;
+}
+
+// The updates below vectorise because the pointers are __restrict__ (GCC gives up on runtime
+// aliasing checks beyond 10 pointer pairs), the coefficients a by-value local, and the flags
+// that decide whether an array is touched template parameters.
+template <bool kMomentum, typename T, typename A>
+void sgd_update(T* __restrict__ p, const A* __restrict__ grads, T* __restrict__ buf, int64_t begin, int64_t end,
+                const SgdCoeffs<A> k) {
+  for (int64_t i = begin; i < end; ++i) {
+    const A pv = load(p, i);
+    A grad = grads[i - begin];
+    grad = k.maximize ? -grad : grad;
+    grad = k.has_wd ? grad + k.wd * pv : grad;
+    if constexpr (kMomentum) {
+      const A b = k.init_buffers ? grad : load(buf, i) * k.momentum + k.keep * grad;
+      store(buf, i, b);
+      grad = k.nesterov ? grad + k.momentum * b : b;
+    }
+    store(p, i, pv + (-k.lr) * grad);
+  }
+}
+
+template <bool kAmsgrad, typename T, typename A>
+void adam_update(T* __restrict__ p, const A* __restrict__ grads, T* __restrict__ m, T* __restrict__ v,
+                 T* __restrict__ vmax, int64_t begin, int64_t end, const AdamCoeffs<A> k, const A neg_step,
+                 const A bc2_sqrt) {
+  for (int64_t i = begin; i < end; ++i) {
+    A pv = load(p, i);
+    A grad = grads[i - begin];
+    grad = k.maximize ? -grad : grad;
+    grad = k.l2 ? grad + k.wd * pv : grad;
+    pv = k.decoupled ? pv * k.decay : pv;
+    const A mv = lerp(load(m, i), grad, k.w1, k.small_w1);
+    A vv = load(v, i) * k.beta2 + k.w2 * grad * grad;
+    store(m, i, mv);
+    store(v, i, vv);
+    if constexpr (kAmsgrad) {
+      const A vm = load(vmax, i);
+      vv = vm > vv ? vm : vv;
+      store(vmax, i, vv);
+    }
+    const A denom = std::sqrt(vv) / bc2_sqrt + k.eps;
+    store(p, i, pv + neg_step * mv / denom);
+  }
+}
+
+}  // namespace
+
+double sgd_step(DType dtype, const TensorLists& t, void* const* momentum_buffers, const SgdConfig& c,
+                int threads) {
+  const double sum = dispatch_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    using A = acc_t<T>;
+    const SgdCoeffs<A> k{A(2.0 * c.lam), A(c.lr), A(c.weight_decay), A(c.momentum), A(1.0 - c.dampening),
+                         c.maximize,     c.weight_decay != 0,        c.nesterov,    c.init_buffers};
+    return with_flag(t.theta_star != nullptr, [&](auto penalty) {
+      return with_flag(c.momentum != 0, [&](auto momentum) {
+        return sum_over_chunks(t.n, t.numel, threads, [&](const Chunk& ch) {
+          const int64_t i = ch.tensor;
+          T* p = ptr<T>(t.params, i);
+          const T* g = ptr<T>(static_cast<const void* const*>(t.grads), i);
+          T* buf = momentum ? ptr<T>(momentum_buffers, i) : nullptr;
+          const A* ts = penalty ? ptr<A>(t.theta_star, i) : nullptr;
+          const A* om = penalty ? ptr<A>(t.omega, i) : nullptr;
+          return over_blocks<A>(ch.begin, ch.end, [&](int64_t b, int64_t e, A* grads) {
+            const double sum = penalised_grads<penalty>(p, g, ts, om, b, e, k.two_lam, grads);
+            sgd_update<momentum>(p, grads, buf, b, e, k);
+            return sum;
+          });
+        });
+      });
+    });
+  });
+  return c.lam * sum;
+}
+
+double adam_step(DType dtype, const TensorLists& t, void* const* exp_avgs, void* const* exp_avg_sqs,
+                 void* const* max_exp_avg_sqs, const AdamConfig& c, int threads) {
+  const double sum = dispatch_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    using A = acc_t<T>;
+    const AdamCoeffs<A> k{A(2.0 * c.lam),
+                          A(c.weight_decay),
+                          A(c.eps),
+                          A(1.0 - c.beta1),
+                          A(c.beta2),
+                          A(1.0 - c.beta2),
+                          A(1.0 - c.lr * c.weight_decay),
+                          c.maximize,
+                          c.weight_decay != 0 && !c.decoupled_weight_decay,
+                          c.weight_decay != 0 && c.decoupled_weight_decay,
+                          std::abs(1.0 - c.beta1) < 0.5};
+    return with_flag(t.theta_star != nullptr, [&](auto penalty) {
+      return with_flag(c.amsgrad, [&](auto amsgrad) {
+        return sum_over_chunks(t.n, t.numel, threads, [&](const Chunk& ch) {
+          const int64_t i = ch.tensor;
+          T* p = ptr<T>(t.params, i);
+          const T* g = ptr<T>(static_cast<const void* const*>(t.grads), i);
+          T* m = ptr<T>(exp_avgs, i);
+          T* v = ptr<T>(exp_avg_sqs, i);
+          T* vmax = amsgrad ? ptr<T>(max_exp_avg_sqs, i) : nullptr;
+          const A* ts = penalty ? ptr<A>(t.theta_star, i) : nullptr;
+          const A* om = penalty ? ptr<A>(t.omega, i) : nullptr;
+          const A neg_step = A(-c.step_size[i]), bc2_sqrt = A(c.bc2_sqrt[i]);
+          return over_blocks<A>(ch.begin, ch.end, [&](int64_t b, int64_t e, A* grads) {
+            const double sum = penalised_grads<penalty>(p, g, ts, om, b, e, k.two_lam, grads);
+            adam_update<amsgrad>(p, grads, m, v, vmax, b, e, k, neg_step, bc2_sqrt);
+            return sum;
+          });
+        });
+      });
+    });
+  });
+  return c.lam * sum;
+}
+
+}  // namespace cpu
+}  // namespace mas_fast

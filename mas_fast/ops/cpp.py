@@ -1,0 +1,115 @@
+"""The "cpp" backend: multi-tensor OpenMP CPU kernels of the mas_fast._C extension (csrc/).
+
+Each op is one call over all parameters (torch.ops.mas_fast.*; schemas in csrc/ops.cpp, fake
+implementations and the penalty's autograd formula in library.py, so the ops trace under
+torch.compile). Parameters and grads: float32/float64/bfloat16/float16; Ω and θ*: float32
+(float64 for float64 parameters). Non-contiguous tensors work (through a contiguous copy).
+The penalty is accumulated in float64 per 65,536-element chunk, chunks added in a fixed
+order: deterministic and independent of the thread count (torch.get_num_threads()).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import reference
+
+Tensor = torch.Tensor
+
+try:
+    from .. import _C  # noqa: F401  (loading the library registers torch.ops.mas_fast.*)
+except ImportError as exc:
+    _IMPORT_ERROR: Optional[str] = str(exc)
+else:
+    _IMPORT_ERROR = None
+    from . import library  # noqa: F401  (fake implementations, autograd of penalty)
+
+OPS = frozenset({"penalty", "penalty_and_grad_", "merge_", "running_mean_update_", "sgd_step_", "adam_step_"})
+AUTO_DEVICES = frozenset({"cpu"})
+
+_PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_STATE_DTYPES = (torch.float32, torch.float64)
+_STATE_OPS = ("merge_", "running_mean_update_")
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the backend cannot run here (extension not built), or None."""
+    if _IMPORT_ERROR is None:
+        return None
+    return (f"the C++ extension mas_fast._C is not built ({_IMPORT_ERROR}); build it with "
+            "`pip install --no-build-isolation -e .` where a C++ compiler exists")
+
+
+def not_supported_reasons(op: str, tensors: Sequence[Tensor]) -> list[str]:
+    """Why these kernels cannot run `op` on `tensors` (devices, dtypes)."""
+    reasons = []
+    devices = sorted({t.device.type for t in tensors} - {"cpu"})
+    if devices:
+        reasons.append(f"the cpp backend runs CPU tensors only, got tensors on {', '.join(devices)}")
+    allowed = _STATE_DTYPES if op in _STATE_OPS else _PARAM_DTYPES
+    dtypes = sorted({str(t.dtype) for t in tensors if t.dtype not in allowed})
+    if dtypes:
+        reasons.append(f"{op} supports {', '.join(str(d) for d in allowed)}; got {', '.join(dtypes)}")
+    return reasons
+
+
+def penalty(params: Sequence[Tensor], theta_star: Sequence[Tensor], omega: Sequence[Tensor],
+            lam: float) -> Tensor:
+    """λ Σ Ω (θ − θ*)², differentiable w.r.t. params (backward: the penalty_backward kernel)."""
+    if not params:  # the dispatcher needs at least one tensor
+        return reference.penalty(params, theta_star, omega, lam)
+    return torch.ops.mas_fast.penalty(list(params), list(theta_star), list(omega), float(lam))
+
+
+def penalty_and_grad_(params: Sequence[Tensor], grads: Sequence[Tensor], theta_star: Sequence[Tensor],
+                      omega: Sequence[Tensor], lam: float) -> Tensor:
+    """grads += 2λΩ(θ − θ*) in one pass that also returns λΣΩ(θ − θ*)²."""
+    if not params:
+        return reference.penalty_and_grad_(params, grads, theta_star, omega, lam)
+    with torch.no_grad():
+        return torch.ops.mas_fast.penalty_and_grad_(list(params), list(grads),
+                                                    list(theta_star), list(omega), float(lam))
+
+
+def merge_(dst: Sequence[Tensor], src: Sequence[Tensor], a: float, b: float) -> None:
+    """dst ← a·dst + b·src per tensor."""
+    if dst:
+        torch.ops.mas_fast.merge_(list(dst), list(src), float(a), float(b))
+
+
+def running_mean_update_(means: Sequence[Tensor], comps: Sequence[Tensor], batch_sums: Sequence[Tensor],
+                         count: int, batch_count: int) -> None:
+    """Kahan-compensated running-mean update (see reference.running_mean_update_)."""
+    if means:
+        torch.ops.mas_fast.running_mean_update_(list(means), list(comps), list(batch_sums), int(count),
+                                                int(batch_count))
+
+
+def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+              theta_star: Sequence[Tensor], omega: Sequence[Tensor], *, lam: float, lr: float,
+              momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+              init_buffers: bool) -> Tensor:
+    """Fused SGD + MAS step (see reference.sgd_step_)."""
+    if not params:
+        return torch.zeros(())
+    with torch.no_grad():
+        return torch.ops.mas_fast.sgd_step_(
+            list(params), list(grads), list(momentum_buffers), list(theta_star), list(omega),
+            float(lam), float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
+            bool(maximize), bool(init_buffers))
+
+
+def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+               exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
+               theta_star: Sequence[Tensor], omega: Sequence[Tensor], *, lam: float, lr: float, beta1: float,
+               beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool,
+               maximize: bool) -> Tensor:
+    """Fused Adam(W) + MAS step (see reference.adam_step_)."""
+    if not params:
+        return torch.zeros(())
+    with torch.no_grad():
+        return torch.ops.mas_fast.adam_step_(
+            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs),
+            list(steps), list(theta_star), list(omega), float(lam), float(lr), float(beta1), float(beta2),
+            float(eps), float(weight_decay), bool(decoupled_weight_decay), bool(amsgrad), bool(maximize))
