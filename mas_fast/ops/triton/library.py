@@ -1,0 +1,119 @@
+"""torch.library custom ops around the Triton kernels, so they trace under torch.compile.
+
+Namespace `mas_fast_triton`: the C++ extension owns `mas_fast::`. Each op has a fake
+(meta) implementation; `penalty` also has an autograd formula (2λΩ(θ − θ*)·grad).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.library import custom_op
+
+from . import gemm, multi_tensor, reduce
+
+Tensor = torch.Tensor
+NS = "mas_fast_triton"
+
+
+def _fp32(*shape: int, like: Tensor) -> Tensor:
+    return like.new_empty(shape, dtype=torch.float32)
+
+
+@custom_op(f"{NS}::abs_matmul", mutates_args=())
+def abs_matmul(delta: Tensor, x: Tensor) -> Tensor:
+    return gemm.abs_matmul(delta, x)
+
+
+@abs_matmul.register_fake
+def _(delta, x):
+    return _fp32(delta.shape[1], x.shape[1], like=delta)
+
+
+@custom_op(f"{NS}::per_sample_abs_matmul", mutates_args=())
+def per_sample_abs_matmul(delta: Tensor, x: Tensor) -> Tensor:
+    return gemm.per_sample_abs_matmul(delta, x)
+
+
+@per_sample_abs_matmul.register_fake
+def _(delta, x):
+    return _fp32(delta.shape[1], delta.shape[3], x.shape[3], like=delta)
+
+
+@custom_op(f"{NS}::conv_abs_grad", mutates_args=())
+def conv_abs_grad(delta: Tensor, x: Tensor, weight_shape: list[int], stride: list[int],
+                  padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    return gemm.conv_abs_grad(delta, x, weight_shape, stride, padding, dilation, groups)
+
+
+@conv_abs_grad.register_fake
+def _(delta, x, weight_shape, stride, padding, dilation, groups):
+    return _fp32(*weight_shape, like=delta)
+
+
+@custom_op(f"{NS}::per_sample_abs_sum", mutates_args=())
+def per_sample_abs_sum(delta: Tensor, scale: Optional[Tensor]) -> Tensor:
+    return reduce.per_sample_abs_sum(delta, scale)
+
+
+@per_sample_abs_sum.register_fake
+def _(delta, scale):
+    return _fp32(delta.shape[2], like=delta)
+
+
+@custom_op(f"{NS}::running_mean_update_", mutates_args=("means", "comps"))
+def running_mean_update_(means: list[Tensor], comps: list[Tensor], batch_sums: list[Tensor],
+                         count: int, batch_count: int) -> None:
+    multi_tensor.running_mean_update_(means, comps, batch_sums, count, batch_count)
+
+
+@custom_op(f"{NS}::merge_", mutates_args=("dst",))
+def merge_(dst: list[Tensor], src: list[Tensor], a: float, b: float) -> None:
+    multi_tensor.merge_(dst, src, a, b)
+
+
+@custom_op(f"{NS}::penalty_and_grad_", mutates_args=("grads",))
+def penalty_and_grad_(params: list[Tensor], grads: list[Tensor], theta_star: list[Tensor],
+                      omega: list[Tensor], lam: float) -> Tensor:
+    return multi_tensor.penalty_and_grad_(params, grads, theta_star, omega, lam)
+
+
+@penalty_and_grad_.register_fake
+def _(params, grads, theta_star, omega, lam):
+    return _fp32(like=omega[0])
+
+
+@custom_op(f"{NS}::penalty_grad", mutates_args=())
+def penalty_grad(params: list[Tensor], theta_star: list[Tensor], omega: list[Tensor], lam: float,
+                 grad_out: Tensor) -> list[Tensor]:
+    return multi_tensor.penalty_grad(params, theta_star, omega, lam, grad_out)
+
+
+@penalty_grad.register_fake
+def _(params, theta_star, omega, lam, grad_out):
+    return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+
+
+@custom_op(f"{NS}::penalty", mutates_args=())
+def penalty(params: list[Tensor], theta_star: list[Tensor], omega: list[Tensor], lam: float) -> Tensor:
+    return multi_tensor.penalty(params, theta_star, omega, lam)
+
+
+@penalty.register_fake
+def _(params, theta_star, omega, lam):
+    return _fp32(like=omega[0])
+
+
+def _penalty_setup(ctx, inputs, output) -> None:
+    params, theta_star, omega, lam = inputs
+    ctx.save_for_backward(*params, *theta_star, *omega)
+    ctx.n, ctx.lam = len(params), lam
+
+
+def _penalty_backward(ctx, grad: Tensor):
+    saved, n = ctx.saved_tensors, ctx.n
+    grads = penalty_grad(list(saved[:n]), list(saved[n:2 * n]), list(saved[2 * n:]), ctx.lam, grad)
+    return grads, [None] * n, [None] * n, None
+
+
+penalty.register_autograd(_penalty_backward, setup_context=_penalty_setup)
