@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from . import ops
 from .importance import MODES, batch_importance
+from .integrations import distributed
 from .ops.reference import acc_dtype
 
 Tensor = torch.Tensor
@@ -30,16 +31,59 @@ def unwrap(model: nn.Module) -> nn.Module:
         "DistributedDataParallel", "DataParallel") else model
 
 
-def _check_config(lambda_: float, mode: str, merge: str, alpha: float) -> None:
+def _check_lambda(lambda_: float) -> None:
     if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or not math.isfinite(lambda_) \
             or lambda_ < 0:
         raise ValueError(f"lambda_ must be a finite number >= 0, got {lambda_!r}")
+
+
+def _check_alpha(alpha: float) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+
+
+def _check_config(lambda_: float, mode: str, merge: str, alpha: float) -> None:
+    _check_lambda(lambda_)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    _check_alpha(alpha)
+
+
+def _check_usable(backend: str) -> str:
+    """An explicit backend must be able to run here: fail at construction, not mid-training."""
+    why = ops.backend_status()[ops.check_backend(backend)] if backend != "auto" else None
+    if why:
+        raise ops.BackendUnavailable(f"backend {backend!r} cannot run here: {why}")
+    return backend
+
+
+def _check_loader(loader: Iterable) -> None:
+    if isinstance(loader, Tensor):  # iterating it would feed single samples without a batch dim
+        raise TypeError("loader must yield batches; got a tensor: pass [x] (one batch) or call "
+                        "accumulate(x)")
+    if not (hasattr(type(loader), "__iter__") or hasattr(type(loader), "__getitem__")):
+        raise TypeError(f"loader must be an iterable of batches, got {type(loader).__name__}")
+
+
+def _corrupt_values(state: Mapping[str, Any]) -> list[str]:
+    """Values no MAS produces: negative counts, non-finite tensors, negative importance."""
+    problems = [f"{k} = {state[k]!r} is not a count >= 0" for k in ("task_count", "num_tasks")
+                if isinstance(state[k], bool) or not isinstance(state[k], int) or state[k] < 0]
+    for group in ("omega", "theta_star", "task_mean", "task_comp"):
+        for n, t in state[group].items():
+            if not bool(torch.isfinite(t).all()):
+                problems.append(f"{group}[{n}] is not finite")
+            elif group in ("omega", "task_mean") and bool((t < 0).any()):
+                problems.append(f"{group}[{n}] holds negative importance")
+    return problems
+
+
+def _shape_changes(stored: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> list[str]:
+    """'name: stored shape (…) != model shape (…)' for stored tensors whose parameter changed shape."""
+    return [f"{n}: stored shape {tuple(t.shape)} != model shape {tuple(params[n].shape)}"
+            for n, t in stored.items() if n in params and t.shape != params[n].shape]
 
 
 def batch_input(batch: Any) -> Any:
@@ -49,6 +93,14 @@ def batch_input(batch: Any) -> Any:
             raise TypeError("the loader yielded an empty tuple/list; expected (inputs, ...)")
         return batch[0]
     return batch
+
+
+def _as_model_names(stored: Mapping[str, Tensor], named: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Stored names as the model spells them: a DDP/DataParallel `module.` prefix is dropped
+    where only the name without it exists in the model."""
+    prefix = "module."
+    return {n[len(prefix):] if n not in named and n.startswith(prefix) and n[len(prefix):] in named else n: t
+            for n, t in stored.items()}
 
 
 class _TaskImportance:
@@ -67,13 +119,13 @@ class _TaskImportance:
         return other
 
     def add(self, sums: dict[str, Tensor], n: int, backend: str) -> None:
-        for name, s in sums.items():
-            if name not in self.mean:  # first batch of the task
-                self.mean[name] = torch.zeros_like(s)
-                self.comp[name] = torch.zeros_like(s)
+        new = {k: (torch.zeros_like(s), torch.zeros_like(s)) for k, s in sums.items() if k not in self.mean}
         names = list(sums)
-        ops.running_mean_update_([self.mean[k] for k in names], [self.comp[k] for k in names],
-                                 [sums[k] for k in names], self.count, n, backend=backend)
+        means = [self.mean[k] if k in self.mean else new[k][0] for k in names]
+        comps = [self.comp[k] if k in self.comp else new[k][1] for k in names]
+        ops.running_mean_update_(means, comps, [sums[k] for k in names], self.count, n, backend=backend)
+        for k, (m, c) in new.items():  # entries join only once the update succeeded
+            self.mean[k], self.comp[k] = m, c
         self.count += n
 
 
@@ -95,28 +147,38 @@ class MAS:
         alpha: α for merge="alpha".
         output_fn: maps the model's output (tuple, dict, several heads) to the tensor F.
         backend: "auto" | "reference" | "cpp" | "triton" | "cuda" (see mas_fast.ops).
+        sync: under torch.distributed (initialized, more than one rank), `consolidate()`
+            all-reduces the task's importance sums and sample counts, so every rank holds the
+            Ω of the union of all ranks' data; every rank must then call `consolidate()`.
+            False keeps importance rank-local. Sharded parameters (FSDP, DTensor) raise a
+            TypeError (see mas_fast.integrations.distributed).
 
     Importance passes run in eval mode (each module's mode restored), never touch
     `p.grad` and cover the parameters with `requires_grad=True`. Parameters added later
     (a new head) have zero importance. Ω and θ* are float32 (float64 for float64
-    parameters) and follow the model's device.
+    parameters) and follow the model's device and dtype.
     """
 
     def __init__(self, model: nn.Module, lambda_: float = 1.0, mode: str = "per_sample",
                  merge: str = "sum", alpha: float = 0.5,
-                 output_fn: Optional[Callable[[Any], Tensor]] = None, backend: str = "auto") -> None:
+                 output_fn: Optional[Callable[[Any], Tensor]] = None, backend: str = "auto",
+                 sync: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _check_config(lambda_, mode, merge, alpha)
         if output_fn is not None and not callable(output_fn):
             raise TypeError(f"output_fn must be callable or None, got {type(output_fn).__name__}")
+        if not isinstance(sync, bool):
+            raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
+        distributed.check_unsharded(model)
         self.model = unwrap(model)
+        self.sync = sync
         self.lambda_ = float(lambda_)
         self.mode = mode
         self.merge = merge
         self.alpha = float(alpha)
         self.output_fn = output_fn
-        self.backend = ops.check_backend(backend)
+        self.backend = _check_usable(backend)
         self.num_tasks = 0
         self._omega: dict[str, Tensor] = {}
         self._theta_star: dict[str, Tensor] = {}
@@ -125,7 +187,17 @@ class MAS:
     # ------------------------------------------------------------------ importance
 
     def _trainable(self) -> dict[str, Tensor]:
+        distributed.check_unsharded(self.model)
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _synced(self, task: _TaskImportance) -> _TaskImportance:
+        """The task's running Ω over every rank's samples (itself outside torch.distributed)."""
+        if not (self.sync and distributed.active()):
+            return task
+        union = _TaskImportance()
+        union.mean, union.count = distributed.union_mean(task.mean, task.comp, task.count, self._trainable())
+        union.comp = {n: torch.zeros_like(t) for n, t in union.mean.items()}
+        return union
 
     def _accumulate_into(self, task: _TaskImportance, x: Any) -> int:
         params = self._trainable()
@@ -133,6 +205,9 @@ class MAS:
             added, removed = sorted(set(params) - set(task.mean)), sorted(set(task.mean) - set(params))
             raise ValueError(f"the model's trainable parameters changed during the task (added: "
                              f"{added}, removed or frozen: {removed}); consolidate() first")
+        reshaped = _shape_changes(task.mean, params)
+        if reshaped:
+            raise ValueError("parameters changed shape during the task: " + "; ".join(reshaped))
         sums, n = batch_importance(self.model, x, params, self.mode, self.output_fn, self.backend)
         task.add(sums, n, self.backend)
         return n
@@ -150,15 +225,18 @@ class MAS:
 
         With a `loader`, first accumulate over it (batches that are tuples/lists use their
         first element; labels are ignored), with a tqdm progress bar unless `progress=False`.
-        If the loader or an importance pass fails, nothing changes.
+        If the loader or an importance pass fails, nothing changes. Under torch.distributed
+        (see `sync`) this is a collective: a rank may bring no samples, but must call it.
         """
         task = self._task
         if loader is not None:
             from tqdm.auto import tqdm
 
+            _check_loader(loader)
             task = task.copy() if task.count else _TaskImportance()
             for batch in tqdm(loader, desc="MAS importance", disable=not progress, leave=False):
                 self._accumulate_into(task, batch_input(batch))
+        task = self._synced(task)
         if task.count == 0:
             raise ValueError("nothing to consolidate: the loader yielded no samples"
                              if loader is not None else
@@ -167,6 +245,9 @@ class MAS:
         missing = sorted(n for n in set(self._omega) | set(task.mean) if n not in named)
         if missing:
             raise ValueError(f"parameters with importance are missing from the model: {missing}")
+        reshaped = _shape_changes(self._omega, named)
+        if reshaped:
+            raise ValueError("parameters changed shape since the last consolidation: " + "; ".join(reshaped))
         omega = self._merged(task.mean)
         theta_star = {n: named[n].detach().to(acc_dtype(named[n].dtype), copy=True) for n in omega}
         self._omega, self._theta_star = omega, theta_star
@@ -198,19 +279,15 @@ class MAS:
 
     def _aligned(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         named = dict(self.model.named_parameters())
-        problems = []
-        for n, o in self._omega.items():
-            p = named.get(n)
-            if p is None:
-                problems.append(f"{n}: missing from the model")
-            elif p.shape != o.shape:
-                problems.append(f"{n}: model shape {tuple(p.shape)} != stored {tuple(o.shape)}")
+        problems = [f"{n}: missing from the model" for n in self._omega if n not in named]
+        problems += _shape_changes(self._omega, named)
         if problems:
             raise ValueError("the model does not match the consolidated MAS state: " + "; ".join(problems))
-        for n, o in self._omega.items():  # follow the model to a new device
-            if o.device != named[n].device:
-                self._omega[n] = o.to(named[n].device)
-                self._theta_star[n] = self._theta_star[n].to(named[n].device)
+        for n, o in self._omega.items():  # follow the model to a new device or dtype
+            place = dict(device=named[n].device, dtype=acc_dtype(named[n].dtype))
+            if (o.device, o.dtype) != (place["device"], place["dtype"]):
+                self._omega[n] = o.to(**place)
+                self._theta_star[n] = self._theta_star[n].to(**place)
         names = list(self._omega)
         return [named[n] for n in names], [self._theta_star[n] for n in names], [self._omega[n] for n in names]
 
@@ -246,6 +323,26 @@ class MAS:
                                      [omega[i] for i in keep], self.lambda_, backend=self.backend)
 
     # ------------------------------------------------------------------ views and state
+
+    @property
+    def lambda_(self) -> float:
+        """λ, the penalty strength; may be changed between tasks (a finite number >= 0)."""
+        return self._lambda
+
+    @lambda_.setter
+    def lambda_(self, value: float) -> None:
+        _check_lambda(value)
+        self._lambda = float(value)
+
+    @property
+    def alpha(self) -> float:
+        """α for merge="alpha"; may be changed between tasks (a number in [0, 1])."""
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        _check_alpha(value)
+        self._alpha = float(value)
 
     @property
     def importance(self) -> Mapping[str, Tensor]:
@@ -294,18 +391,25 @@ class MAS:
         if set(state["omega"]) != set(state["theta_star"]) or set(state["task_mean"]) != set(state["task_comp"]):
             raise ValueError("corrupt MAS state: omega/theta_star or task_mean/task_comp name sets differ")
         named = dict(self.model.named_parameters())
-        problems = []
-        for group in ("omega", "theta_star", "task_mean", "task_comp"):
+        groups = ("omega", "theta_star", "task_mean", "task_comp")
+        state = {**state, **{g: _as_model_names(state[g], named) for g in groups}}
+        problems: dict[str, str] = {}  # one line per parameter name
+        for group in groups:
             for n, t in state[group].items():
                 if not isinstance(t, Tensor) or not t.is_floating_point():
-                    problems.append(f"{group}[{n}]: not a floating-point tensor")
+                    problems.setdefault(n, f"{n}: {group} is not a floating-point tensor")
                 elif n not in named:
-                    problems.append(f"{group}[{n}]: no such parameter in the model")
+                    problems.setdefault(n, f"{n}: no such parameter in the model")
                 elif tuple(t.shape) != tuple(named[n].shape):
-                    problems.append(f"{group}[{n}]: stored shape {tuple(t.shape)} != model shape "
-                                    f"{tuple(named[n].shape)}")
+                    problems.setdefault(n, f"{n}: stored shape {tuple(t.shape)} != model shape "
+                                           f"{tuple(named[n].shape)}")
         if problems:
-            raise ValueError("MAS state does not match the model: " + "; ".join(problems))
+            unmatched = sorted(set(named) - set(state["omega"]) - set(state["task_mean"]))
+            raise ValueError("MAS state does not match the model: " + "; ".join(problems.values())
+                             + (f" (model parameters without stored state: {unmatched})" if unmatched else ""))
+        corrupt = _corrupt_values(state)
+        if corrupt:
+            raise ValueError("corrupt MAS state: " + "; ".join(corrupt))
 
         def place(group: str) -> dict[str, Tensor]:
             return {n: t.detach().to(device=named[n].device, dtype=acc_dtype(named[n].dtype), copy=True)
