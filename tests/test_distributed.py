@@ -1,0 +1,206 @@
+"""torch.distributed: 2 gloo CPU ranks spawned by the test, each on its own shard of the data,
+against one process on the union.
+
+Tolerance: float64 models, so the only difference from the single process is the order of
+float summation (each rank's sum, then the all-reduce): compared with the float64 tolerance
+of tests/tolerances.py. Both ranks must hold bit-identical state (the all-reduce gives every
+rank the same sum).
+"""
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mas_fast import MAS
+from models import make_case
+from tolerances import assert_close
+
+WORLD = 2
+TIMEOUT_S = 240
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available")
+
+# Task 1: rank 0 brings 7 samples in batches of 3 and 4, rank 1 brings 4 in batches of 2 (uneven
+# counts and batch sizes). Task 2: rank 1 brings no samples at all.
+TASK1 = {0: [(0, 3), (3, 7)], 1: [(7, 9), (9, 11)]}
+TASK2 = {0: [(0, 5)], 1: []}
+
+
+def data():
+    """Everything every rank and the single process share: the model and the two tasks' inputs."""
+    model, x1 = make_case("cnn", batch=11)
+    g = torch.Generator().manual_seed(5)
+    x2 = torch.randn(5, *x1.shape[1:], generator=g, dtype=x1.dtype)
+    xb = torch.randn(8, *x1.shape[1:], generator=g, dtype=x1.dtype)  # a training batch
+    yb = torch.randint(0, 4, (8,), generator=g)
+    return model, x1, x2, xb, yb
+
+
+def batches(x, spans):
+    return [(x[a:b], torch.zeros(b - a)) for a, b in spans]
+
+
+def perturb(model):
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.add_(0.05 * torch.cos(torch.arange(p.numel(), dtype=p.dtype) + i).view(p.shape))
+
+
+def scenario(rank=None):
+    """Two consolidations, then two training steps with the penalty (loss + penalty(), then
+    add_penalty_grad_). rank=None: one process on the union of the data."""
+    model, x1, x2, xb, yb = data()
+    net = model if rank is None else nn.parallel.DistributedDataParallel(model)
+    mas = MAS(net, lambda_=0.5)
+    spans1 = [(0, 11)] if rank is None else TASK1[rank]
+    spans2 = [(0, 5)] if rank is None else TASK2[rank]
+    out = {}
+    if rank is not None:  # rank-local importance on request
+        local = MAS(net, sync=False)
+        local.consolidate(batches(x1, spans1), progress=False)
+        out["local"] = dict(local.importance)
+    mas.consolidate(batches(x1, spans1), progress=False)
+    out["omega1"] = dict(mas.importance)
+    perturb(model)
+    mas.consolidate(batches(x2, spans2), progress=False)
+    out["omega2"], out["theta_star"] = dict(mas.importance), dict(mas.theta_star)
+    perturb(model)
+    model.eval()  # BatchNorm on running statistics: every rank's shard sees the same function
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rows = slice(None) if rank is None else slice(4 * rank, 4 * rank + 4)
+    penalties = []
+    for fold_into_grad in (False, True):
+        opt.zero_grad()
+        loss = F.cross_entropy(net(xb[rows]), yb[rows])
+        if fold_into_grad:
+            loss.backward()
+            penalties.append(mas.add_penalty_grad_())
+        else:
+            penalty = mas.penalty()
+            (loss + penalty).backward()
+            penalties.append(penalty.detach())
+        opt.step()
+    out["penalties"] = torch.stack(penalties)
+    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out["state"] = mas.state_dict()
+    return out
+
+
+def sharded_errors():
+    """The TypeError messages MAS gives for FSDP2 (DTensor) and FSDP1 parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    messages = {}
+    late = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
+    mas = MAS(late)  # sharded after MAS was built: the importance pass refuses
+    fully_shard(late, mesh=init_device_mesh("cpu", (WORLD,)))
+    for kind, make in [("fully_shard", lambda: MAS(fully_shard(nn.Linear(4, 2)))),
+                       ("fsdp1", lambda: MAS(FullyShardedDataParallel(nn.Linear(4, 2),
+                                                                      device_id=torch.device("cpu")))),
+                       ("late", lambda: mas.consolidate([torch.randn(3, 4)], progress=False))]:
+        try:
+            make()
+            messages[kind] = None
+        except TypeError as exc:
+            messages[kind] = str(exc)
+    return messages
+
+
+def _worker(rank, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        result = scenario(rank)
+        result["sharded"] = sharded_errors()
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(out_dir):
+    """Spawn the ranks; fail (never hang) if they do not finish in TIMEOUT_S."""
+    ctx = mp.start_processes(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {WORLD} ranks did not finish within {TIMEOUT_S} s")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return run_ranks(tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.fixture(scope="module")
+def single():
+    return scenario()
+
+
+def test_every_rank_holds_the_same_state(ranks):
+    a, b = ranks
+    for key in ("omega1", "omega2", "theta_star", "params"):
+        assert a[key].keys() == b[key].keys()
+        for n in a[key]:
+            assert torch.equal(a[key][n], b[key][n]), (key, n)
+    assert torch.equal(a["penalties"], b["penalties"])
+
+
+@pytest.mark.parametrize("key", ["omega1", "omega2", "theta_star"])
+def test_importance_equals_one_process_on_the_union(ranks, single, key):
+    for rank in ranks:
+        assert rank[key].keys() == single[key].keys()
+        for n, v in single[key].items():
+            assert_close(rank[key][n], v, torch.float64, f"{key}[{n}]")
+
+
+def test_sync_false_keeps_rank_local_importance(ranks):
+    model, x1, *_ = data()
+    for r, rank in enumerate(ranks):
+        own = MAS(model)
+        own.consolidate(batches(x1, TASK1[r]), progress=False)
+        for n, v in own.importance.items():
+            assert_close(rank["local"][n], v, torch.float64, n)
+    assert not torch.equal(ranks[0]["local"]["head.weight"], ranks[1]["local"]["head.weight"])
+
+
+def test_ddp_training_with_the_penalty_equals_one_process(ranks, single):
+    for rank in ranks:
+        assert_close(rank["penalties"], single["penalties"], torch.float64, "penalty")
+        for n, v in single["params"].items():
+            assert_close(rank["params"][n], v, torch.float64, n)
+
+
+def test_state_names_have_no_module_prefix_and_load_either_way(ranks):
+    state = ranks[0]["state"]
+    model, *_ = data()
+    assert set(state["omega"]) == {n for n, _ in model.named_parameters()}
+    plain = MAS(model)
+    plain.load_state_dict(state)  # saved from MAS(DDP(model)), loaded without the wrapper
+    wrapped = MAS(nn.DataParallel(model))  # and into a wrapped model (names with `module.`)
+    wrapped.load_state_dict(plain.state_dict())
+    for n, v in state["omega"].items():
+        assert torch.equal(wrapped.importance[n], v)
+
+
+@pytest.mark.parametrize("kind", ["fully_shard", "fsdp1", "late"])
+def test_sharded_parameters_are_refused_clearly(ranks, kind):
+    message = ranks[0]["sharded"][kind]
+    assert message is not None, f"MAS accepted {kind} parameters"
+    assert "sharded parameters" in message and "DistributedDataParallel" in message
