@@ -26,7 +26,8 @@ def info() -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mas_fast", description=__doc__)
     parser.add_argument("command", choices=("demo", "bench", "info"))
-    args, rest = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = parser.parse_args(argv[:1]), argv[1:]  # the command's own flags (e.g. demo --help) go to it
     if args.command == "info":
         return info()
     if args.command == "demo":

@@ -1,0 +1,112 @@
+"""The compared methods, behind one small interface the training loop drives.
+
+- finetune: plain sequential training (the lower bound).
+- joint: after task t, trains on the union of tasks 1..t (the upper bound).
+- mas_per_sample / mas_batch / mas_local: mas_fast.MAS in each importance mode.
+- ewc_online: online EWC with the exact per-sample diagonal Fisher (cl/ewc.py).
+
+The penalty gradient is added after `loss.backward()` (`add_penalty_grad_`), so the time
+it costs is measured on its own; importance is computed at the end of each task from the
+task's training images (labels only for EWC's Fisher).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..regularizer import MAS
+from .ewc import OnlineEWC
+
+Tensor = torch.Tensor
+IMPORTANCE_BATCH = 256
+METHODS = ("finetune", "joint", "mas_per_sample", "mas_batch", "mas_local", "ewc_online")
+REGULARIZED = tuple(m for m in METHODS if m not in ("finetune", "joint"))
+
+
+class Head:
+    """Selects the output units of the current task: F for MAS, the logits for EWC's loss."""
+
+    def __init__(self, columns: Tensor) -> None:
+        self.columns = columns
+
+    def __call__(self, output: Tensor) -> Tensor:
+        return output.index_select(1, self.columns)
+
+
+class Method:
+    """Fine-tuning: no penalty, nothing to do between tasks."""
+
+    joint = False       # trains on the union of the tasks seen so far
+    penalised = False   # adds a penalty gradient in every step
+
+    def add_penalty_grad_(self) -> None:
+        """Add the penalty's gradient to the parameters' `.grad` (after `loss.backward()`)."""
+
+    def end_task(self, x: Tensor, y: Tensor, columns: Tensor) -> None:
+        """Consolidate after a task, from its float images `x` and labels `y`."""
+
+    @property
+    def importance(self) -> Mapping[str, Tensor]:
+        """Per-parameter importance (Ω or Fisher) accumulated so far; empty for no penalty."""
+        return {}
+
+
+class Joint(Method):
+    joint = True
+
+
+class MASMethod(Method):
+    penalised = True
+
+    def __init__(self, model: nn.Module, lambda_: float, mode: str, backend: str) -> None:
+        self.head = Head(torch.zeros(0, dtype=torch.long))
+        self.mas = MAS(model, lambda_=lambda_, mode=mode, output_fn=self.head, backend=backend)
+
+    def add_penalty_grad_(self) -> None:
+        self.mas.add_penalty_grad_()
+
+    def end_task(self, x: Tensor, y: Tensor, columns: Tensor) -> None:
+        self.head.columns = columns
+        self.mas.consolidate(x.split(IMPORTANCE_BATCH), progress=False)
+
+    @property
+    def importance(self) -> Mapping[str, Tensor]:
+        return self.mas.importance
+
+
+class EWCMethod(Method):
+    penalised = True
+
+    def __init__(self, model: nn.Module, lambda_: float, backend: str) -> None:
+        self.head = Head(torch.zeros(0, dtype=torch.long))
+        self.ewc = OnlineEWC(model, lambda_, self._loss, backend=backend)
+
+    def _loss(self, output: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(self.head(output), y, reduction="sum")
+
+    def add_penalty_grad_(self) -> None:
+        self.ewc.add_penalty_grad_()
+
+    def end_task(self, x: Tensor, y: Tensor, columns: Tensor) -> None:
+        self.head.columns = columns
+        self.ewc.consolidate(zip(x.split(IMPORTANCE_BATCH), y.split(IMPORTANCE_BATCH)))
+
+    @property
+    def importance(self) -> Mapping[str, Tensor]:
+        return self.ewc.fisher
+
+
+def make_method(name: str, model: nn.Module, lambda_: float = 0.0, backend: str = "auto") -> Method:
+    """The method `name` attached to `model` (λ is used by the regularised methods only)."""
+    if name == "finetune":
+        return Method()
+    if name == "joint":
+        return Joint()
+    if name.startswith("mas_") and name in METHODS:
+        return MASMethod(model, lambda_, name[len("mas_"):], backend)
+    if name == "ewc_online":
+        return EWCMethod(model, lambda_, backend)
+    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")

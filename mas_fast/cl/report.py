@@ -1,0 +1,108 @@
+"""Terminal tables and results.json for the demo's runs."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+from typing import Any, Sequence
+
+import torch
+
+from .config import Config
+from .metrics import mean_std, seen_task_accuracy, summarise
+from .scenarios import TITLES
+from .train import RunResult
+
+TIMES = ("train_s", "importance_s", "penalty_s")
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned first column, right-aligned others, a rule under the header."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def machine() -> str:
+    """The CPU model and core count (and the GPU when one is visible)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu} ({os.cpu_count()} cores){gpu}"
+
+
+def group(runs: Sequence[RunResult]) -> dict[str, dict[str, list[RunResult]]]:
+    """scenario → method → runs (over seeds), in the order they ran."""
+    out: dict[str, dict[str, list[RunResult]]] = {}
+    for r in runs:
+        out.setdefault(r.scenario, {}).setdefault(r.method, []).append(r)
+    return out
+
+
+def summary(runs: Sequence[RunResult]) -> dict[str, dict[str, float]]:
+    """Mean and std over seeds of ACC, BWT, forgetting and the three times."""
+    values: dict[str, list[float]] = {}
+    for r in runs:
+        for k, v in {**summarise(r.R), **{t: getattr(r, t) for t in TIMES}}.items():
+            values.setdefault(k, []).append(v)
+    return {k: dict(zip(("mean", "std"), mean_std(v))) for k, v in values.items()}
+
+
+def _pct(s: dict[str, float]) -> str:
+    return f"{100 * s['mean']:6.1f} ± {100 * s['std']:4.1f}"
+
+
+def scenario_table(method_runs: dict[str, list[RunResult]]) -> str:
+    """One row per method: λ, ACC, BWT, forgetting (%, mean ± std over seeds), mean seconds."""
+    rows = []
+    for method, runs in method_runs.items():
+        s = summary(runs)
+        lam = f"{runs[0].lambda_:g}" if runs[0].lambda_ else "-"
+        rows.append([method, lam, _pct(s["acc"]), _pct(s["bwt"]), _pct(s["forgetting"]),
+                     *(f"{s[t]['mean']:.2f}" for t in TIMES)])
+    return text_table(["method", "λ", "ACC %", "BWT %", "forgetting %", "train s", "importance s",
+                       "penalty s"], rows)
+
+
+def print_tables(runs: Sequence[RunResult], seeds: Sequence[int]) -> None:
+    for scenario, method_runs in group(runs).items():
+        tasks = len(next(iter(method_runs.values()))[0].R)
+        print(f"\n{TITLES[scenario]}: {tasks} tasks, seeds {' '.join(map(str, seeds))}, test digits")
+        print(scenario_table(method_runs))
+
+
+def results_document(config: Config, runs: Sequence[RunResult], *, source: str, device: str,
+                     backend: str, seconds: float) -> dict[str, Any]:
+    """Everything needed to redo the tables and plots: config, machine, every run, summaries."""
+    scenarios = {}
+    for scenario, method_runs in group(runs).items():
+        scenarios[scenario] = {
+            method: {
+                "lambda": rs[0].lambda_,
+                "summary": summary(rs),
+                "runs": [{"seed": r.seed, "R": r.R, **summarise(r.R), "seen_task_accuracy": seen_task_accuracy(r.R),
+                          **{t: getattr(r, t) for t in TIMES}} for r in rs],
+            } for method, rs in method_runs.items()
+        }
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "config": {k: v for k, v in vars(config).items() if k != "lambdas"},
+        "data": source, "device": device, "machine": machine(), "backend": backend,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "total_seconds": seconds, "scenarios": scenarios,
+    }
+
+
+def write_json(path: str, doc: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
