@@ -55,9 +55,6 @@ def test_small_chunks_give_the_same_result(monkeypatch):
 
 
 def test_fallback_warns_once_per_cause_and_names_the_module():
-    import mas_fast.importance.fallback as fb
-
-    fb._warned.clear()
     model, x = make_case("shared")
     with pytest.warns(UserWarning, match="Scale"):
         batch_importance(model, x, trainable(model), "per_sample")

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from .capture import Site, eval_mode, hooked
+from .capture import Site, eval_mode, hooked, stream_deltas, without_autocast
 from .fallback import model_per_sample, module_local, squared_norm, warn_once
 from .rules import rule_for
 from ..ops.reference import acc_dtype
@@ -52,7 +52,8 @@ def output_tensor(output: Any, output_fn: OutputFn, batch: int) -> Tensor:
     return F
 
 
-def _sites(model: nn.Module, params: dict[str, Tensor], mode: str) -> list[Site]:
+def sites_of(model: nn.Module, params: dict[str, Tensor], mode: str) -> list[Site]:
+    """One Site per module holding some of `params` (canonical name → tensor) directly."""
     owners: dict[int, int] = {}
     for m in model.modules():
         for _, p in m.named_parameters(recurse=False):
@@ -69,8 +70,7 @@ def _sites(model: nn.Module, params: dict[str, Tensor], mode: str) -> list[Site]
                              f"({', '.join(own.values())} in {type(m).__name__}); use "
                              "mode='per_sample'")
         rule = None if shared else rule_for(m)
-        sites.append(Site(m, own, rule, capture_grad=mode == "per_sample", keep_calls=mode == "local",
-                          shared=shared))
+        sites.append(Site(m, own, rule, keep_calls=mode == "local", shared=shared))
     return sites
 
 
@@ -87,32 +87,28 @@ def _fallback_reason(site: Site) -> str:
     return f"{kind} was called {site.calls} times in one forward"
 
 
+def fallback_notice(sites: list[Site], names: set[str]) -> None:
+    """Warn once per cause for the sites whose parameters go to the generic fallback."""
+    for s in sites:
+        if any(n in names for n in s.params.values()):
+            warn_once(_fallback_reason(s))
+
+
 def _per_sample(model, x, params, output_fn, backend, batch) -> dict[str, Tensor]:
-    sites = _sites(model, params, "per_sample")
-    with hooked(sites), torch.enable_grad():
-        F = output_tensor(model(x), output_fn, batch)
-    total = squared_norm(F)
-    ruled = [s for s in sites if s.ruled and s.edge is not None]
-    others = [n for s in sites if s not in ruled for n in s.params.values()]
-    if not total.requires_grad or not (ruled or others):
-        return {}
-    grads = torch.autograd.grad(total, [s.edge for s in ruled] + [params[n] for n in others],
-                                allow_unused=True)
-    deltas, used = grads[:len(ruled)], {n for n, g in zip(others, grads[len(ruled):]) if g is not None}
-    del grads
+    sites = sites_of(model, params, "per_sample")
     sums: dict[str, Tensor] = {}
-    for s, delta in zip(ruled, deltas):
-        if delta is not None:  # None: the layer's output does not reach F, zero gradient
-            for attr, value in s.rule(s.module, s.x, delta, frozenset(s.params), backend).items():
-                sums[s.params[attr]] = value
-        s.release()
-    del deltas
-    fallback = {n: params[n] for n in others if n in used}
-    if fallback:
-        for s in sites:
-            if any(n in fallback for n in s.params.values()):
-                warn_once(_fallback_reason(s))
-        sums.update(model_per_sample(model, x, fallback, output_fn or (lambda out: out), batch))
+
+    def apply_rule(site: Site, delta: Tensor) -> None:
+        for attr, value in site.rule(site.module, site.x, delta, frozenset(site.params), backend).items():
+            sums[site.params[attr]] = value
+
+    used = stream_deltas(sites, lambda: squared_norm(output_tensor(model(x), output_fn, batch)),
+                         apply_rule, params)
+    if used:
+        fallback_notice(sites, used)
+        output_of = output_fn or (lambda out: out)
+        sums.update(model_per_sample(model, x, {n: params[n] for n in used},
+                                     lambda out, _: squared_norm(output_of(out)), batch))
     return sums
 
 
@@ -127,14 +123,15 @@ def _batch(model, x, params, output_fn, batch) -> dict[str, Tensor]:
 
 
 def _local(model, x, params, output_fn, backend, batch) -> dict[str, Tensor]:
-    sites = _sites(model, params, "local")
+    sites = sites_of(model, params, "local")
     with hooked(sites), torch.no_grad():
         output_tensor(model(x), output_fn, batch)
     sums: dict[str, Tensor] = {}
     for s in sites:
         wanted = frozenset(s.params)
         if s.ruled:
-            values = s.rule(s.module, s.x, 2 * s.y, wanted, backend)
+            with without_autocast(s.y.device):
+                values = s.rule(s.module, s.x, 2 * s.y, wanted, backend)
         elif s.calls:
             warn_once(_fallback_reason(s))
             own = {a: getattr(s.module, a) for a in wanted}
@@ -175,4 +172,5 @@ def batch_importance(model: nn.Module, x: Any, params: dict[str, Tensor], mode: 
     return result, batch
 
 
-__all__ = ["MODES", "NonFiniteError", "batch_importance", "batch_size", "output_tensor"]
+__all__ = ["MODES", "NonFiniteError", "batch_importance", "batch_size", "fallback_notice", "output_tensor",
+           "sites_of"]

@@ -40,17 +40,19 @@ def _batched_mask(tree: Any, batch: int) -> Any:
     return tree_map(lambda a: isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch, tree)
 
 
-def per_sample_abs_grad_sum(
+def per_sample_grad_sum(
     fn: Callable[[dict, Any], Tensor],
     params: dict[str, Tensor],
     inputs: Any,
     batch: int,
+    statistic: Callable[[Tensor], Tensor] = torch.abs,
 ) -> dict[str, Tensor]:
-    """Σ_k |∂ fn(params, inputs_k) / ∂params| over the samples k of `inputs`.
+    """Σ_k statistic(∂ fn(params, inputs_k) / ∂params) over the samples k of `inputs` (|·| by default).
 
     `fn` receives one sample's inputs with the batch dimension kept (size 1). Tensor
     leaves of `inputs` whose dimension 0 has size `batch` are split per sample; the
     others are shared. Chunks bound the per-sample gradients to `chunk_elements()`.
+    `torch.square` as the statistic gives Σ_k g_k², a diagonal Fisher.
     """
     mask = _batched_mask(inputs, batch)
     leaves, spec = tree_flatten(inputs)
@@ -65,20 +67,44 @@ def per_sample_abs_grad_sum(
     detached = {n: p.detach() for n, p in params.items()}
     sums = {n: torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device) for n, p in params.items()}
     step = samples_per_chunk(sum(p.numel() for p in params.values()), batch)
-    for s in range(0, batch, step):
-        chunk = tree_unflatten([a[s:s + step] if m else a for a, m in zip(leaves, mask_leaves)], spec)
-        for n, g in per_sample(detached, chunk).items():
-            sums[n] += g.to(sums[n].dtype).abs().sum(0)
+    # no_grad outside the transform: grad() still differentiates `fn`, but the results do not
+    # join an outer graph through the model's other parameters, which would keep every chunk's
+    # per-sample gradients alive (O(B·P)) and attach a graph to Ω.
+    with torch.no_grad():
+        for s in range(0, batch, step):
+            chunk = tree_unflatten([a[s:s + step] if m else a for a, m in zip(leaves, mask_leaves)], spec)
+            for n, g in per_sample(detached, chunk).items():
+                sums[n] += statistic(g.to(sums[n].dtype)).sum(0)
     return sums
 
 
-def model_per_sample(model: nn.Module, x: Any, params: dict[str, Tensor],
-                     output_of: Callable[[Any], Tensor], batch: int) -> dict[str, Tensor]:
-    """Per-sample importance of `params` (canonical names) for ‖F(x_k)‖² of the whole model."""
-    def fn(p: dict, xk: Any) -> Tensor:
-        return squared_norm(output_of(functional_call(model, p, (xk,))))
+def _holders(model: nn.Module, params: dict[str, Tensor]) -> dict[str, str]:
+    """Path of every (module, attribute) that holds one of `params` → its canonical name.
 
-    return per_sample_abs_grad_sum(fn, params, x, batch)
+    One path per module object: torch's `tie_weights` lists a module reachable under two
+    names (`self.alias = self.twice`) twice and, restoring in order, leaves a functional
+    tensor in place of the module's Parameter.
+    """
+    canonical = {id(p): n for n, p in params.items()}
+    return {f"{prefix}.{attr}" if prefix else attr: canonical[id(p)]
+            for prefix, m in model.named_modules()
+            for attr, p in m.named_parameters(recurse=False, remove_duplicate=False) if id(p) in canonical}
+
+
+def model_per_sample(model: nn.Module, x: Any, params: dict[str, Tensor],
+                     objective: Callable[[Any, Any], Tensor], batch: int, extra: Any = None,
+                     statistic: Callable[[Tensor], Tensor] = torch.abs) -> dict[str, Tensor]:
+    """Σ_k statistic(∂ objective(model(x_k), extra_k) / ∂params) for `params` (canonical names).
+
+    MAS: objective(out, _) = ‖F(out)‖²; EWC: objective(out, y_k) = loss with the label.
+    """
+    holders = _holders(model, params)
+
+    def fn(p: dict, sample: tuple[Any, Any]) -> Tensor:
+        bound = {path: p[name] for path, name in holders.items()}
+        return objective(functional_call(model, bound, (sample[0],), tie_weights=False), sample[1])
+
+    return per_sample_grad_sum(fn, params, (x, extra), batch, statistic)
 
 
 def module_local(module: nn.Module, calls: Sequence[tuple[tuple, dict]], params: dict[str, Tensor],
@@ -90,4 +116,4 @@ def module_local(module: nn.Module, calls: Sequence[tuple[tuple, dict]], params:
     def fn(p: dict, calls_k: Sequence[tuple[tuple, dict]]) -> Tensor:
         return sum(squared_norm(functional_call(module, p, args, kwargs)) for args, kwargs in calls_k)
 
-    return per_sample_abs_grad_sum(fn, params, list(calls), batch)
+    return per_sample_grad_sum(fn, params, list(calls), batch)
