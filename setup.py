@@ -51,7 +51,7 @@ def _extensions_and_cmdclass():
             "mas_fast._C",
             cpp + cu,
             define_macros=[("MAS_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++20"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -49,8 +49,10 @@ class _MASOptimizer(torch.optim.Optimizer):
         self.backend = ops.check_backend(backend if backend is not None else
                                          regularizer.backend if regularizer is not None else "auto")
         super().__init__(params, defaults)
-        # Updated in place, so that a torch.compile'd step() updates it too.
-        self._last_penalty = torch.zeros((), dtype=torch.float64)
+        # Updated in place, so that a torch.compile'd step() updates it too; on the parameters'
+        # device, so that recording it never waits for the GPU.
+        first = next((p for group in self.param_groups for p in group["params"]), None)
+        self._last_penalty = torch.zeros((), dtype=torch.float64, device=None if first is None else first.device)
 
     @property
     def last_penalty(self) -> Tensor:
@@ -91,7 +93,10 @@ class _MASOptimizer(torch.optim.Optimizer):
                                              [terms[p][1] for p in covered], lam)
             if plain:
                 self._step_tensors(group, plain, [p.grad for p in plain], [], [], 0.0)
-        self._last_penalty.copy_(sum(values) if values else torch.zeros(()))
+        if values:
+            self._last_penalty.copy_(sum(values))
+        else:
+            self._last_penalty.zero_()
         return loss
 
     def _step_tensors(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],

@@ -41,17 +41,22 @@ def unavailable_reason() -> Optional[str]:
             "`pip install --no-build-isolation -e .` where a C++ compiler exists")
 
 
+def dtype_reasons(op: str, tensors: Sequence[Tensor], allowed: Sequence[torch.dtype] = ()) -> list[str]:
+    """Why the extension's kernels cannot take these dtypes for `op` (empty when they can)."""
+    allowed = allowed or (_STATE_DTYPES if op in _STATE_OPS else _PARAM_DTYPES)
+    dtypes = sorted({str(t.dtype) for t in tensors if t.dtype not in allowed})
+    if dtypes:
+        return [f"{op} supports {', '.join(str(d) for d in allowed)}; got {', '.join(dtypes)}"]
+    return []
+
+
 def not_supported_reasons(op: str, tensors: Sequence[Tensor]) -> list[str]:
     """Why these kernels cannot run `op` on `tensors` (devices, dtypes)."""
     reasons = []
     devices = sorted({t.device.type for t in tensors} - {"cpu"})
     if devices:
         reasons.append(f"the cpp backend runs CPU tensors only, got tensors on {', '.join(devices)}")
-    allowed = _STATE_DTYPES if op in _STATE_OPS else _PARAM_DTYPES
-    dtypes = sorted({str(t.dtype) for t in tensors if t.dtype not in allowed})
-    if dtypes:
-        reasons.append(f"{op} supports {', '.join(str(d) for d in allowed)}; got {', '.join(dtypes)}")
-    return reasons
+    return reasons + dtype_reasons(op, tensors)
 
 
 def penalty(params: Sequence[Tensor], theta_star: Sequence[Tensor], omega: Sequence[Tensor],

@@ -17,16 +17,16 @@ import torch
 Tensor = torch.Tensor
 
 
-def _scalar(omega: Sequence[Tensor]) -> Tensor:
-    """The 0-dim penalty value: float64 when any Ω is float64, else float32 (the CPU kernels
-    return it on the CPU)."""
+def _scalar(params: Sequence[Tensor], omega: Sequence[Tensor]) -> Tensor:
+    """The 0-dim penalty value: float64 when any Ω is float64, else float32, on the
+    parameters' device (where the kernels reduce it)."""
     dtype = torch.float64 if any(o.dtype == torch.float64 for o in omega) else torch.float32
-    return torch.empty((), dtype=dtype, device="cpu")
+    return torch.empty((), dtype=dtype, device=params[0].device if params else "cpu")
 
 
 @torch.library.register_fake("mas_fast::penalty")
 def _penalty_fake(params, theta_star, omega, lam):
-    return _scalar(omega)
+    return _scalar(params, omega)
 
 
 @torch.library.register_fake("mas_fast::penalty_backward")
@@ -36,7 +36,7 @@ def _penalty_backward_fake(grad_out, params, theta_star, omega, lam):
 
 @torch.library.register_fake("mas_fast::penalty_and_grad_")
 def _penalty_and_grad_fake(params, grads, theta_star, omega, lam):
-    return _scalar(omega)
+    return _scalar(params, omega)
 
 
 @torch.library.register_fake("mas_fast::merge_")
@@ -52,13 +52,18 @@ def _running_mean_update_fake(means, comps, batch_sums, count, batch_count) -> N
 @torch.library.register_fake("mas_fast::sgd_step_")
 def _sgd_step_fake(params, grads, momentum_buffers, theta_star, omega, lam, lr, momentum, dampening,
                    weight_decay, nesterov, maximize, init_buffers):
-    return _scalar(omega)
+    return _scalar(params, omega)
 
 
 @torch.library.register_fake("mas_fast::adam_step_")
 def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star, omega, lam,
                     lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize):
-    return _scalar(omega)
+    return _scalar(params, omega)
+
+
+@torch.library.register_fake("mas_fast::per_sample_abs_sum")
+def _per_sample_abs_sum_fake(delta, scale):
+    return delta.new_empty((delta.shape[2],), dtype=torch.float32)
 
 
 def _penalty_setup_context(ctx, inputs, output) -> None:

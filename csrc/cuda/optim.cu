@@ -1,0 +1,149 @@
+// Fused SGD / Adam / AdamW steps with the MAS penalty folded into the gradient:
+// g ← g + 2λΩ(θ − θ*), then torch.optim's update, in one pass over the tensors the step
+// reads anyway. Parameters MAS does not cover pass nullptr for θ*/Ω (a plain step).
+// Math in fp32 (fp64 for fp64 parameters); optimizer state is stored in the parameter dtype,
+// like torch.optim. The penalty at the parameters before the step is reduced on the side.
+#include "mas_cuda.h"
+#include "multi_tensor.cuh"
+#include "reduce.cuh"
+
+namespace mas_fast {
+namespace cuda {
+namespace {
+
+// Adds the penalty gradient to g and returns Ω d² (0 for an uncovered parameter).
+template <typename M, typename S>
+__device__ __forceinline__ M penalise(M& g, M theta, const S* star, const S* omega, int64_t i, M two_lam) {
+  if (star == nullptr) return M(0);
+  const M d = theta - static_cast<M>(star[i]);
+  const M w = static_cast<M>(omega[i]);
+  g += two_lam * w * d;
+  return w * d * d;
+}
+
+template <typename P, typename S>
+struct SgdOp {
+  using M = typename MathOf<P>::type;
+  M two_lam, lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize, init_buffers;
+
+  // ptrs: θ, g, momentum buffer (nullptr without momentum), θ*, Ω
+  __device__ __forceinline__ double operator()(void** ptrs, int64_t start, int64_t n, bool) const {
+    P* theta = static_cast<P*>(ptrs[0]) + start;
+    const P* grad = static_cast<const P*>(ptrs[1]) + start;
+    P* buf = ptrs[2] ? static_cast<P*>(ptrs[2]) + start : nullptr;
+    const S* star = ptrs[3] ? static_cast<const S*>(ptrs[3]) + start : nullptr;
+    const S* omega = ptrs[4] ? static_cast<const S*>(ptrs[4]) + start : nullptr;
+    double acc = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const M p = load_as<M>(theta + i);
+      M g = load_as<M>(grad + i);
+      acc += static_cast<double>(penalise(g, p, star, omega, i, two_lam));
+      if (maximize) g = -g;
+      if (weight_decay != M(0)) g += weight_decay * p;
+      if (buf != nullptr) {
+        const M b = init_buffers ? g : load_as<M>(buf + i) * momentum + (M(1) - dampening) * g;
+        buf[i] = from_math<P, M>(b);
+        g = nesterov ? g + momentum * b : b;
+      }
+      theta[i] = from_math<P, M>(p - lr * g);
+    }
+    return acc;
+  }
+};
+
+template <typename P, typename S>
+struct AdamOp {
+  using M = typename MathOf<P>::type;
+  M two_lam, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt;
+  bool decoupled, amsgrad, maximize;
+
+  // ptrs: θ, g, exp_avg, exp_avg_sq, max_exp_avg_sq (nullptr without amsgrad), θ*, Ω
+  __device__ __forceinline__ double operator()(void** ptrs, int64_t start, int64_t n, bool) const {
+    P* theta = static_cast<P*>(ptrs[0]) + start;
+    const P* grad = static_cast<const P*>(ptrs[1]) + start;
+    P* exp_avg = static_cast<P*>(ptrs[2]) + start;
+    P* exp_avg_sq = static_cast<P*>(ptrs[3]) + start;
+    P* max_sq = ptrs[4] ? static_cast<P*>(ptrs[4]) + start : nullptr;
+    const S* star = ptrs[5] ? static_cast<const S*>(ptrs[5]) + start : nullptr;
+    const S* omega = ptrs[6] ? static_cast<const S*>(ptrs[6]) + start : nullptr;
+    double acc = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      M p = load_as<M>(theta + i);
+      M g = load_as<M>(grad + i);
+      acc += static_cast<double>(penalise(g, p, star, omega, i, two_lam));
+      if (maximize) g = -g;
+      if (weight_decay != M(0)) {
+        if (decoupled) p *= M(1) - lr * weight_decay;
+        else g += weight_decay * p;
+      }
+      const M m_old = load_as<M>(exp_avg + i);
+      const M m = m_old + (M(1) - beta1) * (g - m_old);
+      M v = load_as<M>(exp_avg_sq + i) * beta2 + (M(1) - beta2) * g * g;
+      exp_avg[i] = from_math<P, M>(m);
+      exp_avg_sq[i] = from_math<P, M>(v);
+      if (max_sq != nullptr) {
+        v = max(load_as<M>(max_sq + i), v);
+        max_sq[i] = from_math<P, M>(v);
+      }
+      theta[i] = from_math<P, M>(p - step_size * m / (sqrt(v) / bc2_sqrt + eps));
+    }
+    return acc;
+  }
+};
+
+template <int DEPTH, typename Op, typename S>
+cudaError_t run_with_penalty(int n, void* const* const* lists, const int64_t* numels, Op op, double lam,
+                             double* partials, void* out, cudaStream_t stream) {
+  cudaError_t err = launch_multi_tensor<DEPTH>(n, lists, numels, op, partials, stream);
+  if (err != cudaSuccess) return err;
+  return sum_partials(partials, total_chunks(n, numels), lam, static_cast<S*>(out), stream);
+}
+
+template <typename P, typename S>
+cudaError_t sgd(const SgdArgs& a, cudaStream_t stream) {
+  using M = typename MathOf<P>::type;
+  void* const* lists[5] = {a.params, a.grads, a.momentum_buffers, a.theta_star, a.omega};
+  SgdOp<P, S> op{static_cast<M>(2.0 * a.lam), static_cast<M>(a.lr), static_cast<M>(a.momentum),
+                 static_cast<M>(a.dampening), static_cast<M>(a.weight_decay), a.nesterov, a.maximize,
+                 a.init_buffers};
+  return run_with_penalty<5, SgdOp<P, S>, S>(a.n, lists, a.numels, op, a.lam, a.partials, a.out_penalty, stream);
+}
+
+template <typename P, typename S>
+cudaError_t adam(const AdamArgs& a, cudaStream_t stream) {
+  using M = typename MathOf<P>::type;
+  void* const* lists[7] = {a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.max_exp_avg_sqs, a.theta_star, a.omega};
+  const double bc1 = 1.0 - pow(a.beta1, a.step);
+  const double bc2 = 1.0 - pow(a.beta2, a.step);
+  AdamOp<P, S> op{static_cast<M>(2.0 * a.lam), static_cast<M>(a.lr), static_cast<M>(a.beta1),
+                  static_cast<M>(a.beta2), static_cast<M>(a.eps), static_cast<M>(a.weight_decay),
+                  static_cast<M>(a.lr / bc1), static_cast<M>(sqrt(bc2)), a.decoupled_weight_decay,
+                  a.max_exp_avg_sqs != nullptr, a.maximize};
+  return run_with_penalty<7, AdamOp<P, S>, S>(a.n, lists, a.numels, op, a.lam, a.partials, a.out_penalty, stream);
+}
+
+}  // namespace
+
+cudaError_t sgd_step(DType dtype, const SgdArgs& args, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32: return sgd<float, float>(args, stream);
+    case DType::kFloat16: return sgd<__half, float>(args, stream);
+    case DType::kBFloat16: return sgd<__nv_bfloat16, float>(args, stream);
+    case DType::kFloat64: return sgd<double, double>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t adam_step(DType dtype, const AdamArgs& args, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32: return adam<float, float>(args, stream);
+    case DType::kFloat16: return adam<__half, float>(args, stream);
+    case DType::kBFloat16: return adam<__nv_bfloat16, float>(args, stream);
+    case DType::kFloat64: return adam<double, double>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace mas_fast
