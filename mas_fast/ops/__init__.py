@@ -40,19 +40,20 @@ class BackendUnavailable(RuntimeError):
 
 
 def check_backend(backend: str) -> str:
-    """Validate a backend name ("auto" or one of BACKENDS); returns it."""
+    """Validate a backend name ("auto" or one of BACKENDS); returns it. Also loads the backends
+    (once), so that a later torch.compile trace only reads the loaded table."""
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if not torch.compiler.is_compiling():
+        _load_all()
     return backend
 
 
 _LOADED: dict[str, tuple[Optional[ModuleType], Optional[str]]] = {}
 
 
-# torch.compile runs this eagerly instead of tracing the imports; it loads every backend at
-# once so that a trace only ever reads the complete `_LOADED`.
-@torch.compiler.assume_constant_result
-def _load_all() -> bool:
+def _load_all() -> None:
+    """Import every backend once and record whether it can run here (and why not)."""
     for name in BACKENDS:
         if name in _LOADED:
             continue
@@ -63,12 +64,15 @@ def _load_all() -> bool:
             continue
         reason = module.unavailable_reason() if hasattr(module, "unavailable_reason") else None
         _LOADED[name] = (None, reason) if reason else (module, None)
-    return True
 
 
 def _load(name: str) -> tuple[Optional[ModuleType], Optional[str]]:
     """(module, None) when the backend can run here, else (None, reason)."""
-    _load_all()
+    if name not in _LOADED:
+        if torch.compiler.is_compiling():  # imports cannot be traced: load eagerly first
+            raise RuntimeError("mas_fast backends are loaded on first use; call mas_fast.ops.backend_status() "
+                               "(or construct MAS / a mas_fast optimizer) once before torch.compile")
+        _load_all()
     return _LOADED[name]
 
 
