@@ -10,27 +10,15 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import re
 from typing import Any, Callable
 
 import torch
 
+from mas_fast.machine import device_name
+
 ROWS: list[dict[str, Any]] = []
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
-
-
-def device_name(device: str) -> str:
-    """A human-readable name for the device the numbers come from."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    return f"{cpu} ({os.cpu_count()} cores)"
 
 
 def sync(device: str) -> None:

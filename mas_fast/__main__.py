@@ -12,11 +12,12 @@ def info() -> int:
     import torch
 
     from . import __version__
+    from .machine import cpu_name, device_name
     from .ops import PRIORITY, backend_status
 
     print(f"mas_fast {__version__} | torch {torch.__version__} | Python {platform.python_version()}")
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    print(f"device: {platform.machine()} CPU, {cuda}")
+    gpu = device_name("cuda") if torch.cuda.is_available() else "no GPU"
+    print(f"machine: {cpu_name()}, {gpu}")
     print("backends (auto tries them in the order " + " > ".join(PRIORITY) + "):")
     for name, reason in backend_status().items():
         print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")

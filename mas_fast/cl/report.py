@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
-import re
 from typing import Any, Sequence
 
 import torch
 
+from ..machine import cpu_name, device_name
 from .config import Config
 from .metrics import mean_std, seen_task_accuracy, summarise
 from .scenarios import TITLES
@@ -31,14 +29,8 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def machine() -> str:
     """The CPU model and core count (and the GPU when one is visible)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu} ({os.cpu_count()} cores){gpu}"
+    gpu = f", {device_name('cuda')}" if torch.cuda.is_available() else ""
+    return f"{cpu_name()}{gpu}"
 
 
 def group(runs: Sequence[RunResult]) -> dict[str, dict[str, list[RunResult]]]:
