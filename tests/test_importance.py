@@ -212,3 +212,39 @@ def test_seq_model_padding_rows_get_no_importance():
     assert (sums["emb.weight"][0] == 0).all()
     expected = oracle_per_sample(model, x)
     assert_close(sums["emb.weight"], expected["emb.weight"], torch.float64)
+
+
+def test_layer_output_that_is_a_view_is_tapped_correctly():
+    """A user hook returns a view of a layer's output: tapping the view (autograd rebases its
+    base's history) still delivers the layer's Δ."""
+    model, x = make_case("mlp")
+    model.net[2].register_forward_hook(lambda m, i, out: out.view_as(out))
+    sums, _ = run(model, x)
+    expected = oracle_per_sample(model, x)
+    for n in expected:
+        assert_close(sums[n], expected[n], torch.float64, n)
+
+
+def test_non_reentrant_activation_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self, use_checkpoint: bool):
+            super().__init__()
+            self.inner, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+            self.use_checkpoint = use_checkpoint
+
+        def forward(self, x):
+            block = lambda t: torch.tanh(self.inner(t))  # noqa: E731
+            h = checkpoint(block, x, use_reentrant=False) if self.use_checkpoint else block(x)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model, plain = Checkpointed(True).double(), Checkpointed(False).double()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(5, 6, dtype=torch.float64)
+    got, _ = run(model, x)
+    want, _ = run(plain, x)
+    for n in want:
+        assert_close(got[n], want[n], torch.float64, n)
+    assert got["inner.weight"].abs().sum() > 0

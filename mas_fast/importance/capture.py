@@ -67,8 +67,6 @@ class Site:
         self.x, self.y = args[0].detach(), output
         if self.anchor is None or not output.requires_grad:
             return None
-        if output._is_view():  # an in-place identity on a view would rewrite its base
-            output = output.clone()
         return _Tap.apply(output, self.anchor, self)
 
     def deliver(self, delta: Tensor) -> None:
