@@ -84,6 +84,20 @@ class SharedModel(nn.Module):
         return self.decoder(self.scale(h))
 
 
+class Transformer(nn.Module):
+    """nn.TransformerEncoderLayer (attention, LayerNorm, Linear on B×T×D) in either layout."""
+
+    def __init__(self, batch_first: bool, d: int = 8, classes: int = 3):
+        super().__init__()
+        self.batch_first = batch_first
+        self.layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):  # x: (B, T, D) always; the layer sees (T, B, D) when seq-first
+        h = self.layer(x if self.batch_first else x.transpose(0, 1))
+        return self.head((h if self.batch_first else h.transpose(0, 1)).mean(1))
+
+
 def randomize_norm_stats(model: nn.Module) -> nn.Module:
     """Non-trivial running statistics and affine parameters, so that eval-mode norms matter."""
     g = torch.Generator().manual_seed(1)
@@ -109,6 +123,8 @@ def make_case(name: str, dtype=torch.float64, batch: int = 7, seed: int = 0):
         model, x = randomize_norm_stats(SeqModel()), torch.randint(0, 30, (batch, 9))
     elif name == "shared":
         model, x = SharedModel(), torch.randint(0, 17, (batch, 5))
+    elif name in ("transformer", "transformer-seq-first"):
+        model, x = randomize_norm_stats(Transformer(name == "transformer")), torch.randn(batch, 4, 8)
     else:
         raise KeyError(name)
     model = model.to(dtype)

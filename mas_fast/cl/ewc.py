@@ -54,7 +54,7 @@ def fisher_sums(model: nn.Module, x: Tensor, y: Tensor, params: dict[str, Tensor
             sums[site.params["bias"]] = ops.per_sample_abs_sum(d2.unsqueeze(1), backend=backend)
 
     with eval_mode(model):
-        sites = sites_of(model, params, "per_sample")
+        sites = sites_of(model, params, "per_sample", batch)
         others = stream_deltas(sites, lambda: loss_fn(model(x), y), squared_linear, params) | inexact
         if others:
             sums.update(model_per_sample(model, x, {n: params[n] for n in others}, loss_fn, batch, extra=y,

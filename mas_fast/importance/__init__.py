@@ -52,25 +52,34 @@ def output_tensor(output: Any, output_fn: OutputFn, batch: int) -> Tensor:
     return F
 
 
-def sites_of(model: nn.Module, params: dict[str, Tensor], mode: str) -> list[Site]:
-    """One Site per module holding some of `params` (canonical name → tensor) directly."""
+def sites_of(model: nn.Module, params: dict[str, Tensor], mode: str, batch: int) -> list[Site]:
+    """One Site per module holding some of `params` (canonical name → tensor) directly; a rule's
+    `claims` (attention's out_proj) fold a child's parameters into its parent's site."""
     owners: dict[int, int] = {}
     for m in model.modules():
         for _, p in m.named_parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
     name_of = {id(p): n for n, p in params.items()}
+    claimed: set[int] = set()  # children covered by their parent's rule (modules() is pre-order)
     sites = []
     for m in model.modules():
+        if id(m) in claimed:
+            continue
         own = {a: name_of[id(p)] for a, p in m.named_parameters(recurse=False) if id(p) in name_of}
         if not own:
             continue
-        shared = any(owners[id(getattr(m, a))] > 1 for a in own)
+        shared = any(owners[id(m.get_parameter(a))] > 1 for a in own)
         if shared and mode == "local":
             raise ValueError(f"mode='local' is undefined for parameters shared between modules "
                              f"({', '.join(own.values())} in {type(m).__name__}); use "
                              "mode='per_sample'")
         rule = None if shared else rule_for(m)
-        sites.append(Site(m, own, rule, keep_calls=mode == "local", shared=shared))
+        for child_name in getattr(rule, "claims", ()):
+            child = m.get_submodule(child_name)
+            claimed.add(id(child))
+            own.update({f"{child_name}.{a}": name_of[id(p)] for a, p in child.named_parameters(recurse=False)
+                        if id(p) in name_of and owners[id(p)] == 1})
+        sites.append(Site(m, own, rule, batch=batch, keep_calls=mode == "local", shared=shared))
     return sites
 
 
@@ -84,6 +93,9 @@ def _fallback_reason(site: Site) -> str:
         return f"{kind} shares parameters with another module"
     if site.rule is None:
         return f"no exact rule for {kind}"
+    if site.unmatched is not None:
+        return (f"{kind}'s input {site.unmatched} has no single dimension of the batch's size to "
+                "index the samples (flattened or seq-first with T == B)")
     return f"{kind} was called {site.calls} times in one forward"
 
 
@@ -95,7 +107,7 @@ def fallback_notice(sites: list[Site], names: set[str]) -> None:
 
 
 def _per_sample(model, x, params, output_fn, backend, batch) -> dict[str, Tensor]:
-    sites = sites_of(model, params, "per_sample")
+    sites = sites_of(model, params, "per_sample", batch)
     sums: dict[str, Tensor] = {}
 
     def apply_rule(site: Site, delta: Tensor) -> None:
@@ -123,15 +135,18 @@ def _batch(model, x, params, output_fn, batch) -> dict[str, Tensor]:
 
 
 def _local(model, x, params, output_fn, backend, batch) -> dict[str, Tensor]:
-    sites = sites_of(model, params, "local")
+    sites = sites_of(model, params, "local", batch)
     with hooked(sites), torch.no_grad():
         output_tensor(model(x), output_fn, batch)
     sums: dict[str, Tensor] = {}
     for s in sites:
         wanted = frozenset(s.params)
         if s.ruled:
-            with without_autocast(s.y.device):
-                values = s.rule(s.module, s.x, 2 * s.y, wanted, backend)
+            doubled = tuple(2 * t if isinstance(t, Tensor) else None for t in
+                            (s.y if isinstance(s.y, tuple) else (s.y,)))  # Δ = 2Y: ∂‖Y‖²/∂Y
+            with without_autocast(doubled[0].device):
+                values = s.rule(s.module, s.x, doubled if s.needs_call else s.samples_first(doubled[0]),
+                                wanted, backend)
         elif s.calls:
             warn_once(_fallback_reason(s))
             own = {a: getattr(s.module, a) for a in wanted}

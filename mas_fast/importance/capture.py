@@ -20,24 +20,32 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from torch.utils._pytree import tree_map
+
 from .rules import Rule
 
 Tensor = torch.Tensor
 
 
 class _Tap(torch.autograd.Function):
-    """Identity on a layer's output (marked in place) whose backward delivers Δ to its site."""
+    """Identity on a layer's output tensors (marked in place) whose backward delivers their
+    gradients to the site (None for an output the objective does not use)."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, anchor: Tensor, site: "Site") -> Tensor:
-        ctx.mark_dirty(y)
+    def forward(ctx, anchor: Tensor, site: "Site", *outputs: Tensor):
+        ctx.mark_dirty(*outputs)
+        ctx.set_materialize_grads(False)
         ctx.site = site
-        return y
+        return outputs
 
     @staticmethod
-    def backward(ctx, delta: Tensor):
-        ctx.site.deliver(delta)
-        return delta, None, None
+    def backward(ctx, *deltas: Optional[Tensor]):
+        ctx.site.deliver(deltas)
+        return (None, None, *deltas)
+
+
+def _detached(tree: Any) -> Any:
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
 
 @dataclass
@@ -45,36 +53,69 @@ class Site:
     """A module with trainable direct parameters, and what one forward recorded of it."""
 
     module: nn.Module
-    params: dict[str, str]            # attribute → canonical parameter name
+    params: dict[str, str]            # attribute (path) → canonical parameter name
     rule: Optional[Rule]              # None → generic fallback
+    batch: int = 0                    # samples in the pass: the size of the layer's sample dim
     keep_calls: bool = False          # local fallback: keep (args, kwargs) of every call
     shared: bool = False              # a parameter also belongs to another module
     calls: int = 0
-    x: Optional[Tensor] = None
-    y: Optional[Tensor] = None
+    bdim: int = 0                     # the dimension of the layer's input that indexes samples
+    unmatched: Optional[tuple] = None  # input shape without a unique sample dimension
+    x: Any = None                     # the input, samples first (the whole call for `needs_call` rules)
+    y: Any = None                     # the output (a tuple for `needs_call` rules)
     call_args: list = field(default_factory=list)
     # per_sample capture: Δ goes to on_delta(site, Δ) during the backward of the anchor
     anchor: Optional[Tensor] = None
-    on_delta: Optional[Callable[["Site", Tensor], None]] = None
+    on_delta: Optional[Callable[["Site", Any], None]] = None
+
+    @property
+    def needs_call(self) -> bool:
+        return getattr(self.rule, "needs_call", False)
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         self.calls += 1
         if self.keep_calls:
             self.call_args.append((args, kwargs))
-        if self.rule is None or self.calls > 1 or not args or not isinstance(output, Tensor):
+        outputs = output if self.needs_call and isinstance(output, tuple) else (output,)
+        if self.rule is None or self.calls > 1 or not args or not isinstance(outputs[0], Tensor):
             self.x = self.y = None  # not a single plain call: the rule cannot describe it
             return None
-        self.x, self.y = args[0].detach(), output
-        if self.anchor is None or not output.requires_grad:
+        first = args[0]
+        dims = [d for d in self.rule.sample_dims(module, first) if first.shape[d] == self.batch]
+        if len(dims) != 1:  # which dimension holds the samples is unknown: fallback
+            self.x = self.y = None
+            self.unmatched = tuple(first.shape)
             return None
-        return _Tap.apply(output, self.anchor, self)
+        self.bdim = dims[0]
+        self.x = _detached((args, kwargs)) if self.needs_call else self.samples_first(first.detach())
+        self.y = output
+        if self.anchor is None:
+            return None
+        # A view's in-place history goes through its base (CopySlices), which loses the tap's
+        # edge to the anchor: views are tapped through a copy.
+        tapped = [t.clone() if t._is_view() else t for t in outputs if isinstance(t, Tensor) and t.requires_grad]
+        if not tapped:
+            return None
+        it = iter(_Tap.apply(self.anchor, self, *tapped))
+        new = tuple(next(it) if isinstance(t, Tensor) and t.requires_grad else t for t in outputs)
+        return new if self.needs_call and isinstance(output, tuple) else new[0]
 
-    def deliver(self, delta: Tensor) -> None:
-        """Δ of this layer's output (backward of the tap): run the callback, then forget X."""
-        if self.ruled:  # a second call makes the site fallback-only; its taps stay silent
-            with without_autocast(delta.device):
-                self.on_delta(self, delta)
+    def deliver(self, deltas: tuple) -> None:
+        """Δ of this layer's outputs (backward of the tap): run the callback, then forget X."""
+        if self.ruled and any(d is not None for d in deltas):  # a second call: taps stay silent
+            device = next(d.device for d in deltas if d is not None)
+            if not self.needs_call:
+                deltas = self.samples_first(deltas[0])
+            elif isinstance(self.y, tuple):  # align with the outputs, untapped ones None
+                it = iter(deltas)
+                deltas = tuple(next(it) if isinstance(t, Tensor) and t.requires_grad else None for t in self.y)
+            with without_autocast(device):
+                self.on_delta(self, deltas)
         self.release()
+
+    def samples_first(self, t: Tensor) -> Tensor:
+        """`t` (the layer's input, output or Δ) with the sample dimension moved to the front."""
+        return t.movedim(self.bdim, 0) if self.bdim and not self.needs_call else t
 
     @property
     def ruled(self) -> bool:

@@ -57,6 +57,10 @@ def per_sample_grad_sum(
     mask = _batched_mask(inputs, batch)
     leaves, spec = tree_flatten(inputs)
     mask_leaves = tree_flatten(mask)[0]
+    if not any(mask_leaves):
+        raise ValueError(f"no input tensor has the batch's {batch} samples in dimension 0 (shapes "
+                         f"{[tuple(t.shape) for t in leaves if isinstance(t, Tensor)]}): the per-sample "
+                         "fallback needs batch-first inputs")
     in_dims = tree_unflatten([0 if m else None for m in mask_leaves], spec)
 
     def one_sample(p: dict, sample: Any) -> Tensor:
@@ -70,7 +74,10 @@ def per_sample_grad_sum(
     # no_grad outside the transform: grad() still differentiates `fn`, but the results do not
     # join an outer graph through the model's other parameters, which would keep every chunk's
     # per-sample gradients alive (O(B·P)) and attach a graph to Ω.
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's note that some op (CPU flash attention) has no vmap batching rule yet: the
+        # result is exact, only slower, and the note would repeat on every pass.
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
         for s in range(0, batch, step):
             chunk = tree_unflatten([a[s:s + step] if m else a for a, m in zip(leaves, mask_leaves)], spec)
             for n, g in per_sample(detached, chunk).items():

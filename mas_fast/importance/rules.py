@@ -4,9 +4,14 @@ A rule gets a module, its captured input X and output-gradient Δ (for the local
 variant Δ = 2·Y, the gradient of the layer's own ‖Y‖²) and returns, for each wanted
 parameter attribute, Σ_k |g_k| over the samples of the batch. Rules only reshape and
 call ops; the arithmetic lives behind the kernel boundary (mas_fast.ops).
+
+A rule marked `needs_call` (attention) gets the whole call `(args, kwargs)` for X and a
+tuple of output gradients for Δ; its `claims` names child modules whose parameters the
+module uses directly (they are covered by the parent's rule, not by their own).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -15,6 +20,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops.reference import acc_dtype
+from .fallback import per_sample_grad_sum
 
 Tensor = torch.Tensor
 Rule = Callable[[nn.Module, Tensor, Tensor, frozenset, str], dict]
@@ -144,6 +150,67 @@ def embedding_rule(module: nn.Embedding, x, delta, wanted, backend) -> dict:
                                              backend=backend)}
 
 
+def mha_rule(module: nn.MultiheadAttention, call: tuple, deltas: tuple, wanted: frozenset,
+             backend: str) -> dict:
+    """nn.MultiheadAttention: g_k = J_kᵀ δ_k, a per-sample vector-Jacobian product of the
+    attention module alone (torch.func, in chunks of samples), from its captured inputs and
+    output gradients — instead of per-sample gradients of the whole model. Covers the
+    projections (in_proj / q,k,v_proj, out_proj) and bias_k / bias_v.
+    """
+    args, kwargs = call
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    bdim = 0 if module.batch_first else 1
+    if a["query"].dim() != 3:
+        raise ValueError(f"MultiheadAttention received a query of shape {tuple(a['query'].shape)} without a "
+                         "batch dimension; MAS needs batched inputs")
+    B = a["query"].shape[bdim]
+    batched = {n: a[n].movedim(bdim, 0) for n in ("query", "key", "value")}
+    out_delta = deltas[0] if deltas[0] is not None else torch.zeros_like(a["query"])  # only weights used
+    batched["delta"] = out_delta.movedim(bdim, 0)
+    if deltas[1] is not None:  # the attention weights reach the objective too: (B, [H,] L, S)
+        batched["delta_weights"] = deltas[1]
+    if a["key_padding_mask"] is not None:
+        batched["key_padding_mask"] = a["key_padding_mask"]
+    mask = a["attn_mask"]
+    if mask is not None and mask.dim() == 3:  # (B·H, L, S): one (H, L, S) mask per sample
+        batched["attn_mask"] = mask.reshape(B, module.num_heads, *mask.shape[1:])
+    shared_mask = mask if mask is not None and mask.dim() == 2 else None
+    options = dict(need_weights=deltas[1] is not None, average_attn_weights=a["average_attn_weights"],
+                   is_causal=a["is_causal"])
+
+    def objective(p: dict, sample: dict) -> Tensor:
+        one = {n: t.squeeze(0) for n, t in sample.items()}  # unbatched: (L, E), (S,), (H, L, S)
+        out, weights = torch.func.functional_call(
+            module, p, (one["query"], one["key"], one["value"]),
+            dict(options, key_padding_mask=one.get("key_padding_mask"),
+                 attn_mask=one.get("attn_mask", shared_mask)))
+        value = (out * one["delta"]).sum()
+        if "delta_weights" in one:
+            value = value + (weights * one["delta_weights"]).sum()
+        return value
+
+    params = {attr: module.get_parameter(attr) for attr in wanted}
+    return per_sample_grad_sum(objective, params, batched, B)
+
+
+mha_rule.needs_call = True
+mha_rule.claims = ("out_proj",)
+
+# Where each rule may find the samples in its input. Linear, LayerNorm, RMSNorm and Embedding
+# take any leading dimensions (seq-first (T, B, E) included); convolutions and BatchNorm /
+# GroupNorm are batch-first by their API; attention by its `batch_first`. The capture hook
+# picks the one candidate whose size is the batch's, and leaves the layer to the generic
+# fallback when none or several match (flattened tokens, T == B).
+linear_rule.sample_dims = lambda m, x: range(x.dim() - 1)
+layer_norm_rule.sample_dims = rms_norm_rule.sample_dims = \
+    lambda m, x: range(x.dim() - len(m.normalized_shape))
+embedding_rule.sample_dims = lambda m, x: range(x.dim())
+conv_rule.sample_dims = group_norm_rule.sample_dims = batch_norm_rule.sample_dims = lambda m, x: (0,)
+mha_rule.sample_dims = lambda m, query: (0 if m.batch_first else 1,) if query.dim() == 3 else ()
+
+
 def _batch_norm_reason(module: nn.Module) -> Optional[str]:
     if module.running_mean is None or module.running_var is None:
         return (f"{type(module).__name__} without running statistics normalises with batch "
@@ -165,6 +232,7 @@ _RULES: list[tuple[type, Rule, Optional[Callable[[nn.Module], Optional[str]]]]] 
     (nn.GroupNorm, group_norm_rule, None),
     (nn.modules.batchnorm._BatchNorm, batch_norm_rule, _batch_norm_reason),
     (nn.Embedding, embedding_rule, _embedding_reason),
+    (nn.MultiheadAttention, mha_rule, None),
 ]
 if hasattr(nn, "RMSNorm"):
     _RULES.append((nn.RMSNorm, rms_norm_rule, None))
