@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common import ROWS, measure, record
+from common import measure, record, timings
 from mas_fast import MAS, ops, optim
 from mas_fast.ops import backend_status
 
@@ -138,10 +138,10 @@ def test_adamw_mas(benchmark, backend):
 
 
 def _seconds(group: str, name: str) -> float:
-    rows = [r for r in ROWS if r["suite"] == SUITE and r["group"] == group and r["name"] == name]
-    if not rows:
+    seconds = timings(SUITE).get(group, {}).get(name)
+    if seconds is None:
         pytest.skip(f"{group}/{name} was not measured in this run")
-    return rows[-1]["seconds"]
+    return seconds
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

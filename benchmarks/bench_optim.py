@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from bench_penalty import SIZES, THREADS, group, make_terms, rounds_for, with_threads
-from common import ROWS, measure, record
+from common import measure, record, timings
 from mas_fast import MAS, ops, optim
 
 SUITE = "optim"
@@ -86,14 +86,8 @@ def test_adamw_step(benchmark, size, threads, method):
 
 def test_goals():
     """Issue 4: fused ≤ 1.15× torch AdamW without penalty; ≥ 2.5× faster than + autograd penalty."""
-    rows = [r for r in ROWS if r["suite"] == SUITE]
-    if not rows:
-        pytest.skip("no optim rows in this run")
     failures = []
-    for name in dict.fromkeys(r["group"] for r in rows):
-        t = {r["name"]: r["seconds"] for r in rows if r["group"] == name}
-        if len(t) < len(METHODS):
-            continue
+    for name, t in timings(SUITE, METHODS).items():
         overhead = t["fused AdamW+MAS"] / t["torch AdamW"]
         speedup = t["torch AdamW + autograd penalty"] / t["fused AdamW+MAS"]
         print(f"{name}: fused = {overhead:.2f}× torch AdamW without penalty, "

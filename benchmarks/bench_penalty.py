@@ -22,7 +22,7 @@ from typing import Callable
 import pytest
 import torch
 
-from common import ROWS, measure, record
+from common import measure, record, timings
 from mas_fast import ops
 
 SUITE = "penalty"
@@ -116,14 +116,8 @@ def test_penalty(benchmark, size, threads, method):
 
 def test_goals():
     """Issue 4: ≥ 4× faster than autograd; ≥ 0.7 of copy_'s bandwidth, in every group."""
-    rows = [r for r in ROWS if r["suite"] == SUITE]
-    if not rows:
-        pytest.skip("no penalty rows in this run")
     failures = []
-    for name in dict.fromkeys(r["group"] for r in rows):
-        t = {r["name"]: r["seconds"] for r in rows if r["group"] == name}
-        if len(t) < len(METHODS):
-            continue
+    for name, t in timings(SUITE, METHODS).items():
         speedup = t["autograd"] / t["cpp penalty_and_grad_"]
         bandwidth = t["copy_"] / t["cpp penalty_and_grad_"]
         print(f"{name}: {speedup:.1f}× faster than autograd, {bandwidth:.2f} of copy_ bandwidth")

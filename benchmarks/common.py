@@ -48,6 +48,20 @@ def record(suite: str, group: str, name: str, seconds: float, device: str, *,
                      baseline=baseline, **extra))
 
 
+def timings(suite: str, methods: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
+    """group → {name: seconds} of this run's rows of `suite` (only groups measuring every one
+    of `methods`, when given); skips the calling test when the suite has no rows."""
+    import pytest
+
+    out: dict[str, dict[str, float]] = {}
+    for r in ROWS:
+        if r["suite"] == suite:
+            out.setdefault(r["group"], {})[r["name"]] = r["seconds"]
+    if not out:
+        pytest.skip(f"no {suite} rows in this run")
+    return {g: t for g, t in out.items() if all(m in t for m in methods)}
+
+
 def write_results() -> list[str]:
     """Write one JSON per (suite, device) with ratios to the group's baseline; returns paths."""
     paths = []
