@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from bench_penalty import SIZES, THREADS, group, make_terms, rounds_for, with_threads
-from common import measure, record, timings
+from common import current, measure, record, timings
 from mas_fast import MAS, ops, optim
 
 SUITE = "optim"
@@ -46,15 +46,8 @@ def make_task(size: str) -> tuple[Params, dict]:
     return model, state
 
 
-_CACHE: dict[str, tuple] = {}
-
-
 def task(size: str) -> tuple:
-    if size not in _CACHE:
-        _CACHE.clear()
-        gc.collect()
-        _CACHE[size] = make_task(size)
-    return _CACHE[size]
+    return current(("optim", size), lambda: make_task(size))
 
 
 @pytest.mark.skipif(ops.backend_status()["cpp"] is not None, reason=str(ops.backend_status()["cpp"]))

@@ -16,13 +16,12 @@ its effective bandwidth ≥ 0.7 of copy_'s (time of copy_ / time of the kernel).
 """
 from __future__ import annotations
 
-import gc
 from typing import Callable
 
 import pytest
 import torch
 
-from common import measure, record, timings
+from common import current, measure, record, timings
 from mas_fast import ops
 
 SUITE = "penalty"
@@ -54,16 +53,9 @@ def make_terms(size: str, seed: int = 0) -> tuple[list[torch.Tensor], list[torch
     return params, theta_star, omega
 
 
-_CACHE: dict[str, tuple] = {}
-
-
 def terms(size: str) -> tuple:
     """One size's tensors, kept while its rows run (only one size in memory at a time)."""
-    if size not in _CACHE:
-        _CACHE.clear()
-        gc.collect()
-        _CACHE[size] = make_terms(size)
-    return _CACHE[size]
+    return current(("penalty", size), lambda: make_terms(size))
 
 
 def autograd_penalty(params, theta_star, omega) -> None:

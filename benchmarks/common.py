@@ -8,6 +8,7 @@ group, measured in the same run, to benchmarks/results/<suite>-<device>.json.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import re
@@ -46,6 +47,19 @@ def record(suite: str, group: str, name: str, seconds: float, device: str, *,
     """File one timing. Each group needs exactly one row with baseline=True."""
     ROWS.append(dict(suite=suite, group=group, name=name, seconds=seconds, device=device,
                      baseline=baseline, **extra))
+
+
+_CURRENT: dict[Any, Any] = {}
+
+
+def current(key: Any, make: Callable[[], Any]) -> Any:
+    """`make()`'s result for `key`, kept until another key is asked for: benchmarks at
+    100M parameters hold one size's tensors at a time."""
+    if key not in _CURRENT:
+        _CURRENT.clear()
+        gc.collect()
+        _CURRENT[key] = make()
+    return _CURRENT[key]
 
 
 def timings(suite: str, methods: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:

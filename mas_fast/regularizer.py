@@ -31,24 +31,26 @@ def unwrap(model: nn.Module) -> nn.Module:
         "DistributedDataParallel", "DataParallel") else model
 
 
-def _check_lambda(lambda_: float) -> None:
+def check_lambda(lambda_: float) -> None:
+    """ValueError unless λ is a finite number >= 0."""
     if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or not math.isfinite(lambda_) \
             or lambda_ < 0:
         raise ValueError(f"lambda_ must be a finite number >= 0, got {lambda_!r}")
 
 
-def _check_alpha(alpha: float) -> None:
+def check_alpha(alpha: float) -> None:
+    """ValueError unless α is a number in [0, 1]."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
 
 
 def _check_config(lambda_: float, mode: str, merge: str, alpha: float) -> None:
-    _check_lambda(lambda_)
+    check_lambda(lambda_)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-    _check_alpha(alpha)
+    check_alpha(alpha)
 
 
 def _check_usable(backend: str) -> str:
@@ -331,7 +333,7 @@ class MAS:
 
     @lambda_.setter
     def lambda_(self, value: float) -> None:
-        _check_lambda(value)
+        check_lambda(value)
         self._lambda = float(value)
 
     @property
@@ -341,7 +343,7 @@ class MAS:
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        _check_alpha(value)
+        check_alpha(value)
         self._alpha = float(value)
 
     @property

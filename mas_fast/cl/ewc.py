@@ -10,7 +10,6 @@ through the torch.func per-sample fallback with a squared statistic.
 """
 from __future__ import annotations
 
-import math
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
 
@@ -23,6 +22,7 @@ from ..importance.capture import Site, eval_mode, stream_deltas
 from ..importance.fallback import model_per_sample
 from ..importance.rules import linear_rule
 from ..ops.reference import acc_dtype
+from ..regularizer import check_lambda
 
 Tensor = torch.Tensor
 LossFn = Callable[[Any, Tensor], Tensor]  # (model output, labels) -> loss summed over samples
@@ -77,9 +77,7 @@ class OnlineEWC:
 
     def __init__(self, model: nn.Module, lambda_: float, loss_fn: LossFn, gamma: float = 1.0,
                  backend: str = "auto") -> None:
-        if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or not math.isfinite(lambda_) \
-                or lambda_ < 0:
-            raise ValueError(f"lambda_ must be a finite number >= 0, got {lambda_!r}")
+        check_lambda(lambda_)
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
         self.model, self.lambda_, self.gamma = model, float(lambda_), float(gamma)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from .. import ops
 from ..importance import MODES
-from ..regularizer import MAS, _check_alpha, _check_lambda
+from ..regularizer import MAS, check_alpha, check_lambda
 
 try:
     from avalanche.models.utils import avalanche_forward
@@ -82,10 +82,10 @@ class MASPlugin(SupervisedPlugin):
         if mode not in PLUGIN_MODES:
             raise ValueError(f"mode must be one of {PLUGIN_MODES}, got {mode!r}")
         try:
-            _check_lambda(lambda_reg)
+            check_lambda(lambda_reg)
         except ValueError as exc:  # name the argument as this signature spells it
             raise ValueError(str(exc).replace("lambda_ ", "lambda_reg ", 1)) from None
-        _check_alpha(alpha)
+        check_alpha(alpha)
         super().__init__()
         self.lambda_reg = float(lambda_reg)
         self.alpha = float(alpha)
