@@ -9,7 +9,9 @@ import torch
 
 from mas_fast import MAS, ops, optim
 from mas_fast.ops import reference
+import multi_tensor_cases
 from models import make_case
+from multi_tensor_cases import MANY_SIZES, SIZES
 from tolerances import assert_close
 
 pytestmark = [
@@ -18,20 +20,10 @@ pytestmark = [
                        reason=f"cuda backend unavailable: {ops.backend_status()['cuda']}"),
 ]
 DEV = "cuda"
-# Sizes around the 65,536-element chunk, odd and not multiples of 4, and one spanning > 320
-# chunks (so one tensor continues across launches).
-SIZES = [1, 3, 65535, 65536, 65537, 131075, 321 * 65536 + 5]
 
 
 def terms(sizes, dtype, seed=0, offset=0):
-    """params (optionally views at an element offset, hence unaligned), grads, θ*, Ω."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    acc = reference.acc_dtype(dtype)
-    params = [torch.randn(n + offset, device=DEV, generator=g).to(dtype)[offset:] for n in sizes]
-    grads = [torch.randn(n + offset, device=DEV, generator=g).to(dtype)[offset:] for n in sizes]
-    stars = [p.to(acc) + 0.1 * torch.randn(p.shape, device=DEV, generator=g, dtype=acc) for p in params]
-    omegas = [torch.rand(p.shape, device=DEV, generator=g, dtype=acc) for p in params]
-    return params, grads, stars, omegas
+    return multi_tensor_cases.terms(sizes, dtype, DEV, seed, offset)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -48,14 +40,13 @@ def test_penalty_and_grad_across_chunk_and_launch_boundaries(dtype, offset):
 
 
 def test_many_tensors_take_several_launches():
-    sizes = [5 + (i % 7) for i in range(300)]  # more tensors than one launch holds
-    params, grads, stars, omegas = terms(sizes, torch.float32)
+    params, grads, stars, omegas = terms(MANY_SIZES, torch.float32)
     want = reference.penalty(params, stars, omegas, 1.3)
     assert_close(ops.penalty(params, stars, omegas, 1.3, backend="cuda"), want, torch.float32)
 
 
 def test_penalty_is_deterministic():
-    params, grads, stars, omegas = terms([321 * 65536 + 5, 999], torch.float32)
+    params, grads, stars, omegas = terms([SIZES[-1], 999], torch.float32)
     first = ops.penalty(params, stars, omegas, 0.5, backend="cuda")
     assert all(torch.equal(first, ops.penalty(params, stars, omegas, 0.5, backend="cuda")) for _ in range(3))
 

@@ -59,21 +59,26 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
 
-// Copies ILP contiguous elements with one wide access when the caller checked alignment.
+// ILP contiguous elements as one or two wide accesses: aligned to at most 16 bytes (the widest
+// sm_80/sm_90 access, and what the callers check), so 4 doubles are two 128-bit accesses.
+template <typename T>
+struct alignas(sizeof(T) * kILP < 16 ? sizeof(T) * kILP : 16) Pack {
+  T v[kILP];
+};
+
+// Copies ILP contiguous elements with wide accesses when the caller checked alignment.
 template <typename T>
 __device__ __forceinline__ void load_ilp(T (&dst)[kILP], const T* src) {
-  struct alignas(sizeof(T) * kILP) Pack { T v[kILP]; };
-  Pack p = *reinterpret_cast<const Pack*>(src);
+  const Pack<T> p = *reinterpret_cast<const Pack<T>*>(src);
 #pragma unroll
   for (int i = 0; i < kILP; ++i) dst[i] = p.v[i];
 }
 template <typename T>
 __device__ __forceinline__ void store_ilp(T* dst, const T (&src)[kILP]) {
-  struct alignas(sizeof(T) * kILP) Pack { T v[kILP]; };
-  Pack p;
+  Pack<T> p;
 #pragma unroll
   for (int i = 0; i < kILP; ++i) p.v[i] = src[i];
-  *reinterpret_cast<Pack*>(dst) = p;
+  *reinterpret_cast<Pack<T>*>(dst) = p;
 }
 
 // Block-wide sum of one double per thread; result valid in thread 0.

@@ -1,0 +1,3 @@
+// Emulated by tests/cuda_emulator (see emulator.h).
+#pragma once
+#include "emulator.h"

@@ -1,0 +1,214 @@
+"""The CUDA kernels of csrc/cuda, executed on CPU by the emulator in tests/cuda_emulator.
+
+Runs on every CI machine: the real .cu sources (only `<<<>>>` rewritten) run block by block
+with 512 emulated threads, barriers and warp shuffles, under UBSan, against the reference
+at the launcher's boundaries (65,536-element chunks, 320 blocks and ~50 tensors per launch,
+aligned 128-bit and unaligned scalar paths). A GPU run (tests/test_cuda_ops.py) is still
+what proves the kernels on hardware; this catches index, chunking, reduction and dtype bugs
+where no GPU is at hand.
+"""
+import re
+
+import pytest
+import torch
+
+import cuda_emulator
+from mas_fast.ops import reference
+from multi_tensor_cases import CHUNK, MANY_SIZES, SIZES, terms
+from tolerances import assert_close
+
+pytestmark = pytest.mark.skipif(cuda_emulator.compiler() is None, reason="no C++ compiler")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+ALL = (torch.float32, torch.float64, *LOW_PRECISION)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return cuda_emulator.EmulatedCuda(cuda_emulator.build())
+
+
+def state_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Element offsets of the tensors' views: 16-byte aligned (the 128-bit path), unaligned (the
+# scalar path), and 16 bytes in (128-bit path; for fp64 not 32-byte aligned).
+OFFSETS = pytest.mark.parametrize("offset", ["aligned", "unaligned", "16 bytes"])
+
+
+def elements(offset, dtype):
+    return {"aligned": 0, "unaligned": 1, "16 bytes": 16 // torch.empty((), dtype=dtype).element_size()}[offset]
+
+
+def sizes_for(dtype):
+    """All boundary sizes; the one spanning two launches (21M elements) in fp32 only, for time."""
+    return SIZES if dtype == torch.float32 else SIZES[:-1]
+
+
+# --------------------------------------------------------------------------- the emulator itself
+
+
+@pytest.mark.parametrize("fault,message", [
+    (0, "the mask names lane 16 of warp 0, which does not exist or has exited"),
+    (1, "deadlock in block (0,0,0)"),
+    (2, "kernel parameters take 5008 bytes (limit 4096)"),
+    (3, "invalid launch configuration: grid (1,1,1), block (2048,1,1)"),
+])
+def test_emulator_catches_faulty_kernels(emu, fault, message):
+    with pytest.raises(cuda_emulator.EmulatorError, match=re.escape(message)):
+        emu.fault(fault, torch.zeros(64))
+
+
+def test_emulator_runs_every_thread_of_a_2d_grid(emu):
+    out = torch.full((6 * 64,), -1.0)
+    emu.fault(4, out)
+    assert torch.equal(out.view(6, 64), torch.arange(64.0).expand(6, 64))
+
+
+def test_launches_are_rewritten_in_every_kernel_source():
+    for path in cuda_emulator.KERNELS.iterdir():
+        rewritten = cuda_emulator.rewrite_launches(path.read_text())
+        assert "<<<" not in rewritten and ">>>" not in rewritten, path.name
+
+
+# --------------------------------------------------------------------------- penalty
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+@OFFSETS
+def test_penalty_and_grad_across_chunk_and_launch_boundaries(emu, dtype, offset):
+    params, grads, stars, omegas = terms(sizes_for(dtype), dtype, "cpu", offset=elements(offset, dtype))
+    want_grads = [g.clone() for g in grads]
+    want = reference.penalty_and_grad_(params, want_grads, stars, omegas, 0.7)
+    got = emu.penalty_and_grad_(params, grads, stars, omegas, 0.7)
+    assert_close(got, want, state_dtype(dtype))
+    for a, b in zip(grads, want_grads):
+        assert_close(a, b, dtype)
+
+
+def test_penalty_over_many_tensors_takes_several_launches(emu):
+    params, _, stars, omegas = terms(MANY_SIZES, torch.float32, "cpu")
+    assert_close(emu.penalty(params, stars, omegas, 1.3), reference.penalty(params, stars, omegas, 1.3),
+                 torch.float32)
+
+
+def test_penalty_of_empty_tensors_is_zero(emu):
+    params, _, stars, omegas = terms([0, 0], torch.float32, "cpu")
+    assert emu.penalty(params, stars, omegas, 1.0).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+def test_penalty_backward(emu, dtype):
+    params, _, stars, omegas = terms([CHUNK + 7, 33, 0], dtype, "cpu")
+    got = emu.penalty_grad(params, stars, omegas, 0.9, upstream=3.0)
+    want = reference.penalty_grad(params, stars, omegas, 0.9 * 3.0)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        assert_close(a, b, dtype)
+
+
+# --------------------------------------------------------------------------- Ω state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@OFFSETS
+def test_merge(emu, dtype, offset):
+    _, _, dst, src = terms(sizes_for(dtype)[:-1] + MANY_SIZES[:100], dtype, "cpu", offset=elements(offset, dtype))
+    want = [d.clone() for d in dst]
+    reference.merge_(want, src, 0.3, 0.7)
+    emu.merge_(dst, src, 0.3, 0.7)
+    for a, b in zip(dst, want):
+        assert_close(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@OFFSETS
+def test_running_mean_update(emu, dtype, offset):
+    _, _, means, sums = terms(sizes_for(dtype)[:-1], dtype, "cpu", offset=elements(offset, dtype))
+    comps = [torch.randn_like(m) * 1e-7 for m in means]
+    want, want_comps = [m.clone() for m in means], [c.clone() for c in comps]
+    for count, batch in [(0, 7), (7, 5), (12, 1)]:
+        reference.running_mean_update_(want, want_comps, sums, count, batch)
+        emu.running_mean_update_(means, comps, sums, count, batch)
+    for a, b in zip(means + comps, want + want_comps):
+        assert_close(a, b, dtype)
+
+
+# --------------------------------------------------------------------------- fused optimizers
+
+
+def optimizer_terms(dtype, offset):
+    """Boundary-sized tensors plus many small ones; every third parameter uncovered by MAS
+    (None for the kernel, Ω = 0 for the reference: the same plain step)."""
+    params, grads, stars, omegas = terms(sizes_for(dtype)[:-1] + MANY_SIZES[:40], dtype, "cpu", offset=offset)
+    covered = [i % 3 != 2 for i in range(len(params))]
+    kernel_stars = [s if c else None for s, c in zip(stars, covered)]
+    kernel_omegas = [o if c else None for o, c in zip(omegas, covered)]
+    ref_omegas = [o if c else torch.zeros_like(o) for o, c in zip(omegas, covered)]
+    return params, grads, (kernel_stars, kernel_omegas), (stars, ref_omegas)
+
+
+def clones(tensors):
+    return [t.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+@pytest.mark.parametrize("options", [
+    dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
+    dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=True),
+    dict(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True, maximize=False),
+], ids=["plain", "momentum-wd-maximize", "nesterov"])
+def test_sgd_steps(emu, dtype, options):
+    params, grads, kernel_terms, ref_terms = optimizer_terms(dtype, offset=1)
+    want = clones(params)
+    bufs = [torch.zeros_like(p) for p in params] if options["momentum"] else []
+    want_bufs = clones(bufs)
+    for step in range(3):
+        kwargs = dict(lam=0.8, lr=0.05, init_buffers=step == 0, **options)
+        got_value = emu.sgd_step_(params, grads, bufs, *kernel_terms, **kwargs)
+        want_value = reference.sgd_step_(want, grads, want_bufs, *ref_terms, **kwargs)
+        assert_close(got_value, want_value, state_dtype(dtype), f"penalty at step {step}")
+    for a, b in zip(params + bufs, want + want_bufs):
+        assert_close(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+@pytest.mark.parametrize("options", [
+    dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=False, maximize=False),
+    dict(weight_decay=0.01, decoupled_weight_decay=False, amsgrad=True, maximize=True),
+], ids=["adamw", "adam-amsgrad-maximize"])
+def test_adam_steps(emu, dtype, options):
+    params, grads, kernel_terms, ref_terms = optimizer_terms(dtype, offset=0)
+    want = clones(params)
+    state = [[torch.zeros_like(p) for p in params] for _ in range(3)]  # exp_avg, exp_avg_sq, max_exp_avg_sq
+    want_state = [clones(s) for s in state]
+    steps = [torch.zeros((), dtype=torch.float32) for _ in params]
+    hyper = dict(lam=0.8, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, **options)
+    for step in range(1, 4):
+        kernel_state = state if options["amsgrad"] else state[:2] + [[]]
+        got_value = emu.adam_step_(params, grads, *kernel_state, *kernel_terms, step=float(step), **hyper)
+        want_value = reference.adam_step_(want, grads, *want_state[:2], want_state[2] if options["amsgrad"] else [],
+                                          steps, *ref_terms, **hyper)
+        assert_close(got_value, want_value, state_dtype(dtype), f"penalty at step {step}")
+    for a, b in zip(params + state[0] + state[1], want + want_state[0] + want_state[1]):
+        assert_close(a, b, dtype)
+
+
+# --------------------------------------------------------------------------- importance epilogue
+
+
+@pytest.mark.parametrize("delta_dtype", [torch.float32, *LOW_PRECISION], ids=str)
+@pytest.mark.parametrize("scale_dtype", [None, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(70, 3, 300), (1, 9, 129), (5, 1, 1), (0, 4, 7), (3, 0, 7)], ids=str)
+def test_per_sample_abs_sum(emu, delta_dtype, scale_dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    # δ stored (T, B, C) and viewed as (B, T, C): strides the kernel must follow.
+    delta = torch.randn(shape[1], shape[0], shape[2], generator=g).to(delta_dtype).transpose(0, 1)
+    scale = None if scale_dtype is None else torch.randn(shape, generator=g).to(scale_dtype)
+    want = reference.per_sample_abs_sum(delta, scale)
+    for out_double in (False, True):
+        got = emu.per_sample_abs_sum(delta, scale, out_double=out_double)
+        assert got.dtype == (torch.float64 if out_double else torch.float32)
+        dtypes = [delta_dtype] + ([scale_dtype] if scale_dtype else [])
+        tol = torch.float32 if all(d == torch.float32 for d in dtypes) else torch.bfloat16
+        assert_close(got, want, tol)
