@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch.func import grad, vmap
 
 from mas_fast.ops.reference import acc_dtype
+from tolerances import assert_close
 
 Tensor = torch.Tensor
 D64 = torch.float64
@@ -466,3 +467,15 @@ def least_precise(dtypes: Sequence[torch.dtype]) -> Optional[torch.dtype]:
     """The dtype with the loosest tolerance (bf16 < fp16 < fp32 < fp64)."""
     order = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
     return min(dtypes, key=order.index) if dtypes else None
+
+
+def check_outputs(actual: list[Tensor], expected: list[tuple[Tensor, torch.dtype]],
+                  tol_floor: list[torch.dtype], device: str) -> None:
+    """Outputs match the expected (value, dtype) pairs in dtype, shape and device, and in value
+    with the tolerance of the least precise of their dtype and `tol_floor`."""
+    assert len(actual) == len(expected), f"{len(actual)} outputs, expected {len(expected)}"
+    for i, (a, (e, dtype)) in enumerate(zip(actual, expected)):
+        assert a.dtype == dtype, f"output {i}: dtype {a.dtype}, expected {dtype}"
+        assert a.shape == e.shape, f"output {i}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"
+        assert a.device.type == device, f"output {i} on {a.device}, inputs on {device}"
+        assert_close(a.to(e.dtype), e, least_precise([dtype, *tol_floor]), f"output {i}")

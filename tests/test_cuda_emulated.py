@@ -11,10 +11,15 @@ import re
 
 import pytest
 import torch
+from hypothesis import event, given, note
+from hypothesis import strategies as st
 
 import cuda_emulator
+from cuda_emulator.ops import EmulatedOps
 from mas_fast.ops import reference
+from op_cases import CASES, NATIVE, check_outputs, input_dtypes, tensor_args
 from multi_tensor_cases import CHUNK, MANY_SIZES, SIZES, terms
+from test_numerics import huge_penalty_inputs
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(cuda_emulator.compiler() is None, reason="no C++ compiler")
@@ -43,6 +48,33 @@ def elements(offset, dtype):
 def sizes_for(dtype):
     """All boundary sizes; the one spanning two launches (21M elements) in fp32 only, for time."""
     return SIZES if dtype == torch.float32 else SIZES[:-1]
+
+
+# --------------------------------------------------------------------------- random inputs
+
+# The ops with CUDA kernels (mas_fast/ops/cuda.py OPS), on the property tests' random shapes
+# (0-size, 1-element, long), dtypes, strides and hyperparameters, against the brute-force
+# float64 oracles (torch.optim itself for the optimizers).
+CUDA_OPS = ["penalty", "penalty_and_grad_", "merge_", "running_mean_update_", "sgd_step_", "adam_step_",
+            "per_sample_abs_sum"]
+
+
+def test_the_random_input_cases_cover_every_cuda_op():
+    from mas_fast.ops import cuda
+    assert set(CUDA_OPS) == set(cuda.OPS)
+
+
+@pytest.mark.parametrize("op", CUDA_OPS)
+@given(data=st.data())
+def test_op_matches_its_oracle_on_random_inputs(emu, op, data):
+    case = CASES[op]
+    args = data.draw(case.inputs("cpu", NATIVE), label="args")
+    note("shapes: " + ", ".join(f"{tuple(t.shape)}:{t.dtype}:{t.stride()}" for t in tensor_args(args)))
+    if op == "per_sample_abs_sum" and torch.float64 in input_dtypes(args):
+        event("fp64 importance stays on the reference backend (no CUDA kernel)")
+        return
+    actual = case.run(getattr(EmulatedOps(emu), op), args)
+    check_outputs(actual, case.brute_force(args), input_dtypes(args), "cpu")
 
 
 # --------------------------------------------------------------------------- the emulator itself
@@ -212,3 +244,19 @@ def test_per_sample_abs_sum(emu, delta_dtype, scale_dtype, shape):
         dtypes = [delta_dtype] + ([scale_dtype] if scale_dtype else [])
         tol = torch.float32 if all(d == torch.float32 for d in dtypes) else torch.bfloat16
         assert_close(got, want, tol)
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+def test_huge_importance_does_not_overflow_the_penalty(emu):
+    params, stars, omegas, exact, grad = huge_penalty_inputs("cpu")
+    got_grad = torch.zeros_like(params[0])
+    value = emu.penalty_and_grad_(params, [got_grad], stars, omegas, 1e-6)
+    assert torch.isfinite(value), f"penalty overflowed: {value}"
+    assert_close(value, exact, torch.float32, "penalty")
+    assert_close(got_grad, grad, torch.float32, "gradient")
+    sgd_value = emu.sgd_step_([p.clone() for p in params], [torch.zeros_like(params[0])], [], stars, omegas,
+                              lam=1e-6, lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                              maximize=False, init_buffers=False)
+    assert_close(sgd_value, exact, torch.float32, "penalty of the fused step")

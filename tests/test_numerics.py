@@ -59,7 +59,7 @@ def test_the_uncompensated_update_would_drift_past_1e_6():
     assert _relative_error(_streamed_mean(sizes, sums, "reference", "cpu", compensated=False), exact) > 1e-6
 
 
-def _huge_penalty_inputs(device: str):
+def huge_penalty_inputs(device: str):
     """Ω near the fp32 limit on 4096 elements, |θ − θ*| = 1 or 2: every term fits in fp32 only
     when computed in a wider type, and their sum (~1e42) overflows fp32 by four orders of
     magnitude, while λ = 1e-6 brings the penalty (~1e36) back into range."""
@@ -75,7 +75,7 @@ def _huge_penalty_inputs(device: str):
 
 @pytest.mark.parametrize("combo", combos(["penalty", "penalty_and_grad_"]), ids=str)
 def test_huge_importance_does_not_overflow_the_penalty(combo):
-    params, star, omega, exact, grad = _huge_penalty_inputs(combo.device)
+    params, star, omega, exact, grad = huge_penalty_inputs(combo.device)
     if combo.op == "penalty":
         leaf = params[0].clone().requires_grad_()
         value = ops.penalty([leaf], star, omega, 1e-6, backend=combo.backend)

@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 
 from backends import Combo, combos, dispatched_ops, triton_interpreter_on
 from mas_fast import ops
-from op_cases import CASES, EMULATED, NATIVE, input_dtypes, least_precise, tensor_args
-from tolerances import assert_close
+from op_cases import CASES, EMULATED, NATIVE, check_outputs, input_dtypes, tensor_args
 
 Tensor = torch.Tensor
 
@@ -40,16 +39,6 @@ def _is_baseline(args: tuple) -> bool:
     return all(t.dtype == torch.float32 and t.is_contiguous() for t in floats)
 
 
-def _check_outputs(actual: list[Tensor], expected: list[tuple[Tensor, torch.dtype]],
-                   tol_floor: list[torch.dtype], device: str) -> None:
-    assert len(actual) == len(expected), f"{len(actual)} outputs, expected {len(expected)}"
-    for i, (a, (e, dtype)) in enumerate(zip(actual, expected)):
-        assert a.dtype == dtype, f"output {i}: dtype {a.dtype}, expected {dtype}"
-        assert a.shape == e.shape, f"output {i}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"
-        assert a.device.type == device, f"output {i} on {a.device}, inputs on {device}"
-        assert_close(a.to(e.dtype), e, least_precise([dtype, *tol_floor]), f"output {i}")
-
-
 @pytest.mark.parametrize("combo", combos(), ids=str)
 @given(data=st.data())
 def test_op_matches_its_oracle(combo: Combo, data: st.DataObject) -> None:
@@ -58,7 +47,7 @@ def test_op_matches_its_oracle(combo: Combo, data: st.DataObject) -> None:
     note("shapes: " + ", ".join(f"{tuple(t.shape)}:{t.dtype}:{t.stride()}" for t in tensor_args(args)))
     run = partial(getattr(ops, combo.op), backend=combo.backend)
     if combo.backend == "reference":
-        _check_outputs(case.run(run, args), case.brute_force(args), [], combo.device)
+        check_outputs(case.run(run, args), case.brute_force(args), [], combo.device)
         return
     try:
         actual = case.run(run, args)
@@ -67,4 +56,4 @@ def test_op_matches_its_oracle(combo: Combo, data: st.DataObject) -> None:
         event(f"declined: {exc}")
         return
     expected = case.run(partial(getattr(ops, combo.op), backend="reference"), args)
-    _check_outputs(actual, [(e, e.dtype) for e in expected], input_dtypes(args), combo.device)
+    check_outputs(actual, [(e, e.dtype) for e in expected], input_dtypes(args), combo.device)

@@ -81,6 +81,13 @@ __device__ __forceinline__ void store_ilp(T* dst, const T (&src)[kILP]) {
   *reinterpret_cast<Pack<T>*>(dst) = p;
 }
 
+// Ω(θ − θ*)² in fp64: Ω near the fp32 limit times a squared step of 2 would overflow fp32,
+// although λ·Σ fits (the CPU kernels and the reference do the same).
+template <typename M>
+__device__ __forceinline__ double penalty_term(M omega, M d) {
+  return static_cast<double>(omega) * static_cast<double>(d) * static_cast<double>(d);
+}
+
 // Block-wide sum of one double per thread; result valid in thread 0.
 __device__ __forceinline__ double block_sum(double v) {
   __shared__ double warp_sums[kThreads / 32];

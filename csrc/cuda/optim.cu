@@ -13,12 +13,12 @@ namespace {
 
 // Adds the penalty gradient to g and returns Ω d² (0 for an uncovered parameter).
 template <typename M, typename S>
-__device__ __forceinline__ M penalise(M& g, M theta, const S* star, const S* omega, int64_t i, M two_lam) {
-  if (star == nullptr) return M(0);
+__device__ __forceinline__ double penalise(M& g, M theta, const S* star, const S* omega, int64_t i, M two_lam) {
+  if (star == nullptr) return 0.0;
   const M d = theta - static_cast<M>(star[i]);
   const M w = static_cast<M>(omega[i]);
   g += two_lam * w * d;
-  return w * d * d;
+  return penalty_term(w, d);
 }
 
 template <typename P, typename S>
@@ -38,7 +38,7 @@ struct SgdOp {
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
       const M p = load_as<M>(theta + i);
       M g = load_as<M>(grad + i);
-      acc += static_cast<double>(penalise(g, p, star, omega, i, two_lam));
+      acc += penalise(g, p, star, omega, i, two_lam);
       if (maximize) g = -g;
       if (weight_decay != M(0)) g += weight_decay * p;
       if (buf != nullptr) {
@@ -71,7 +71,7 @@ struct AdamOp {
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
       M p = load_as<M>(theta + i);
       M g = load_as<M>(grad + i);
-      acc += static_cast<double>(penalise(g, p, star, omega, i, two_lam));
+      acc += penalise(g, p, star, omega, i, two_lam);
       if (maximize) g = -g;
       if (weight_decay != M(0)) {
         if (decoupled) p *= M(1) - lr * weight_decay;

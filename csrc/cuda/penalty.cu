@@ -31,7 +31,7 @@ struct PenaltyOp {
         for (int j = 0; j < kILP; ++j) {
           const M d = load_as<M>(&th[j]) - static_cast<M>(st[j]);
           const M w = static_cast<M>(om[j]);
-          acc += static_cast<double>(w * d * d);
+          acc += penalty_term(w, d);
           if (grad) g[j] = from_math<P, M>(load_as<M>(&g[j]) + two_lam * w * d);
         }
         if (grad) store_ilp(grad + i, g);
@@ -40,7 +40,7 @@ struct PenaltyOp {
       for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
         const M d = load_as<M>(theta + i) - static_cast<M>(star[i]);
         const M w = static_cast<M>(omega[i]);
-        acc += static_cast<double>(w * d * d);
+        acc += penalty_term(w, d);
         if (grad) grad[i] = from_math<P, M>(load_as<M>(grad + i) + two_lam * w * d);
       }
     }
