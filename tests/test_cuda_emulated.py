@@ -130,8 +130,9 @@ def test_penalty_of_empty_tensors_is_zero(emu):
 
 
 @pytest.mark.parametrize("dtype", ALL, ids=str)
-def test_penalty_backward(emu, dtype):
-    params, _, stars, omegas = terms([CHUNK + 7, 33, 0], dtype, "cpu")
+@OFFSETS
+def test_penalty_backward(emu, dtype, offset):
+    params, _, stars, omegas = terms([CHUNK + 8, CHUNK + 7, 36, 33, 0], dtype, "cpu", offset=elements(offset, dtype))
     got = emu.penalty_grad(params, stars, omegas, 0.9, upstream=3.0)
     want = reference.penalty_grad(params, stars, omegas, 0.9 * 3.0)
     for a, b in zip(got, want):
@@ -145,7 +146,7 @@ def test_penalty_backward(emu, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @OFFSETS
 def test_merge(emu, dtype, offset):
-    _, _, dst, src = terms(sizes_for(dtype)[:-1] + MANY_SIZES[:100], dtype, "cpu", offset=elements(offset, dtype))
+    dst, src, _, _ = terms(sizes_for(dtype)[:-1] + MANY_SIZES[:100], dtype, "cpu", offset=elements(offset, dtype))
     want = [d.clone() for d in dst]
     reference.merge_(want, src, 0.3, 0.7)
     emu.merge_(dst, src, 0.3, 0.7)
@@ -156,7 +157,7 @@ def test_merge(emu, dtype, offset):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @OFFSETS
 def test_running_mean_update(emu, dtype, offset):
-    _, _, means, sums = terms(sizes_for(dtype)[:-1], dtype, "cpu", offset=elements(offset, dtype))
+    means, sums, _, _ = terms(sizes_for(dtype)[:-1], dtype, "cpu", offset=elements(offset, dtype))
     comps = [torch.randn_like(m) * 1e-7 for m in means]
     want, want_comps = [m.clone() for m in means], [c.clone() for c in comps]
     for count, batch in [(0, 7), (7, 5), (12, 1)]:
@@ -172,7 +173,8 @@ def test_running_mean_update(emu, dtype, offset):
 def optimizer_terms(dtype, offset):
     """Boundary-sized tensors plus many small ones; every third parameter uncovered by MAS
     (None for the kernel, Ω = 0 for the reference: the same plain step)."""
-    params, grads, stars, omegas = terms(sizes_for(dtype)[:-1] + MANY_SIZES[:40], dtype, "cpu", offset=offset)
+    sizes = sizes_for(dtype)[:-1] + MANY_SIZES[:40]
+    params, grads, stars, omegas = terms(sizes, dtype, "cpu", offset=elements(offset, dtype))
     covered = [i % 3 != 2 for i in range(len(params))]
     kernel_stars = [s if c else None for s, c in zip(stars, covered)]
     kernel_omegas = [o if c else None for o, c in zip(omegas, covered)]
@@ -190,8 +192,9 @@ def clones(tensors):
     dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=True),
     dict(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True, maximize=False),
 ], ids=["plain", "momentum-wd-maximize", "nesterov"])
-def test_sgd_steps(emu, dtype, options):
-    params, grads, kernel_terms, ref_terms = optimizer_terms(dtype, offset=1)
+@OFFSETS
+def test_sgd_steps(emu, dtype, options, offset):
+    params, grads, kernel_terms, ref_terms = optimizer_terms(dtype, offset)
     want = clones(params)
     bufs = [torch.zeros_like(p) for p in params] if options["momentum"] else []
     want_bufs = clones(bufs)
@@ -209,8 +212,9 @@ def test_sgd_steps(emu, dtype, options):
     dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=False, maximize=False),
     dict(weight_decay=0.01, decoupled_weight_decay=False, amsgrad=True, maximize=True),
 ], ids=["adamw", "adam-amsgrad-maximize"])
-def test_adam_steps(emu, dtype, options):
-    params, grads, kernel_terms, ref_terms = optimizer_terms(dtype, offset=0)
+@OFFSETS
+def test_adam_steps(emu, dtype, options, offset):
+    params, grads, kernel_terms, ref_terms = optimizer_terms(dtype, offset)
     want = clones(params)
     state = [[torch.zeros_like(p) for p in params] for _ in range(3)]  # exp_avg, exp_avg_sq, max_exp_avg_sq
     want_state = [clones(s) for s in state]

@@ -81,6 +81,53 @@ __device__ __forceinline__ void store_ilp(T* dst, const T (&src)[kILP]) {
   *reinterpret_cast<Pack<T>*>(dst) = p;
 }
 
+// One step of a thread over a chunk of n elements: kILP elements, read and written together.
+// Vectorised: kILP contiguous elements as 128-bit packs (every pointer 16-byte aligned and n a
+// multiple of kILP). Otherwise apex's scalar layout: element j sits j·blockDim.x after the
+// first, so each of the kILP accesses is coalesced across the warp.
+struct IlpSlot {
+  int64_t base, stride, n;
+  bool vec;
+
+  __device__ __forceinline__ bool valid(int j) const { return base + j * stride < n; }
+
+  // r[j] ← p[element j] for valid j; nothing for an absent list (p == nullptr).
+  template <typename T>
+  __device__ __forceinline__ void load(T (&r)[kILP], const T* p) const {
+    if (p == nullptr) return;
+    if (vec) {
+      if (base < n) load_ilp(r, p + base);
+      return;
+    }
+#pragma unroll
+    for (int j = 0; j < kILP; ++j)
+      if (valid(j)) r[j] = p[base + j * stride];
+  }
+
+  template <typename T>
+  __device__ __forceinline__ void store(T* p, const T (&r)[kILP]) const {
+    if (p == nullptr) return;
+    if (vec) {
+      if (base < n) store_ilp(p + base, r);
+      return;
+    }
+#pragma unroll
+    for (int j = 0; j < kILP; ++j)
+      if (valid(j)) p[base + j * stride] = r[j];
+  }
+};
+
+// Calls f(slot) for each of this thread's steps over a chunk of n elements.
+template <typename F>
+__device__ __forceinline__ void for_each_slot(int64_t n, bool vec, F&& f) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * kILP;
+  for (int64_t start = 0; start < n; start += step) {
+    const IlpSlot slot{vec ? start + static_cast<int64_t>(threadIdx.x) * kILP : start + threadIdx.x,
+                       vec ? 1 : static_cast<int64_t>(blockDim.x), n, vec};
+    f(slot);
+  }
+}
+
 // Ω(θ − θ*)² in fp64: Ω near the fp32 limit times a squared step of 2 would overflow fp32,
 // although λ·Σ fits (the CPU kernels and the reference do the same).
 template <typename M>
@@ -104,7 +151,7 @@ __device__ __forceinline__ double block_sum(double v) {
   return v;
 }
 
-// Runs `op(meta, chunk_pointers, n, vectorised) -> double` per block and stores the block's
+// Runs `op(chunk_pointers, start, n, vectorised) -> double` per block and stores the block's
 // partial sum (when partials != nullptr).
 template <int DEPTH, typename Op>
 __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(TensorListMeta<DEPTH> meta, Op op,

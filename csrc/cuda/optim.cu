@@ -11,12 +11,11 @@ namespace mas_fast {
 namespace cuda {
 namespace {
 
-// Adds the penalty gradient to g and returns Ω d² (0 for an uncovered parameter).
+// Adds the penalty gradient to g and returns Ω d².
 template <typename M, typename S>
-__device__ __forceinline__ double penalise(M& g, M theta, const S* star, const S* omega, int64_t i, M two_lam) {
-  if (star == nullptr) return 0.0;
-  const M d = theta - static_cast<M>(star[i]);
-  const M w = static_cast<M>(omega[i]);
+__device__ __forceinline__ double penalise(M& g, M theta, S star, S omega, M two_lam) {
+  const M d = theta - static_cast<M>(star);
+  const M w = static_cast<M>(omega);
   g += two_lam * w * d;
   return penalty_term(w, d);
 }
@@ -27,27 +26,40 @@ struct SgdOp {
   M two_lam, lr, momentum, dampening, weight_decay;
   bool nesterov, maximize, init_buffers;
 
-  // ptrs: θ, g, momentum buffer (nullptr without momentum), θ*, Ω
-  __device__ __forceinline__ double operator()(void** ptrs, int64_t start, int64_t n, bool) const {
+  // ptrs: θ, g, momentum buffer (nullptr without momentum), θ*, Ω (nullptr: not covered by MAS)
+  __device__ __forceinline__ double operator()(void** ptrs, int64_t start, int64_t n, bool vec) const {
     P* theta = static_cast<P*>(ptrs[0]) + start;
     const P* grad = static_cast<const P*>(ptrs[1]) + start;
     P* buf = ptrs[2] ? static_cast<P*>(ptrs[2]) + start : nullptr;
     const S* star = ptrs[3] ? static_cast<const S*>(ptrs[3]) + start : nullptr;
     const S* omega = ptrs[4] ? static_cast<const S*>(ptrs[4]) + start : nullptr;
     double acc = 0.0;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const M p = load_as<M>(theta + i);
-      M g = load_as<M>(grad + i);
-      acc += penalise(g, p, star, omega, i, two_lam);
-      if (maximize) g = -g;
-      if (weight_decay != M(0)) g += weight_decay * p;
-      if (buf != nullptr) {
-        const M b = init_buffers ? g : load_as<M>(buf + i) * momentum + (M(1) - dampening) * g;
-        buf[i] = from_math<P, M>(b);
-        g = nesterov ? g + momentum * b : b;
+    for_each_slot(n, vec, [&](const IlpSlot& s) {
+      P th[kILP], gr[kILP], bf[kILP];
+      S st[kILP], om[kILP];
+      s.load(th, theta);
+      s.load(gr, grad);
+      if (!init_buffers) s.load(bf, buf);
+      s.load(st, star);
+      s.load(om, omega);
+#pragma unroll
+      for (int j = 0; j < kILP; ++j) {
+        if (!s.valid(j)) continue;
+        const M p = load_as<M>(&th[j]);
+        M g = load_as<M>(&gr[j]);
+        if (star != nullptr) acc += penalise(g, p, st[j], om[j], two_lam);
+        if (maximize) g = -g;
+        if (weight_decay != M(0)) g += weight_decay * p;
+        if (buf != nullptr) {
+          const M b = init_buffers ? g : load_as<M>(&bf[j]) * momentum + (M(1) - dampening) * g;
+          bf[j] = from_math<P, M>(b);
+          g = nesterov ? g + momentum * b : b;
+        }
+        th[j] = from_math<P, M>(p - lr * g);
       }
-      theta[i] = from_math<P, M>(p - lr * g);
-    }
+      s.store(buf, bf);
+      s.store(theta, th);
+    });
     return acc;
   }
 };
@@ -56,10 +68,11 @@ template <typename P, typename S>
 struct AdamOp {
   using M = typename MathOf<P>::type;
   M two_lam, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt;
-  bool decoupled, amsgrad, maximize;
+  bool decoupled, maximize;
 
-  // ptrs: θ, g, exp_avg, exp_avg_sq, max_exp_avg_sq (nullptr without amsgrad), θ*, Ω
-  __device__ __forceinline__ double operator()(void** ptrs, int64_t start, int64_t n, bool) const {
+  // ptrs: θ, g, exp_avg, exp_avg_sq, max_exp_avg_sq (nullptr without amsgrad), θ*, Ω (nullptr:
+  // not covered by MAS)
+  __device__ __forceinline__ double operator()(void** ptrs, int64_t start, int64_t n, bool vec) const {
     P* theta = static_cast<P*>(ptrs[0]) + start;
     const P* grad = static_cast<const P*>(ptrs[1]) + start;
     P* exp_avg = static_cast<P*>(ptrs[2]) + start;
@@ -68,26 +81,43 @@ struct AdamOp {
     const S* star = ptrs[5] ? static_cast<const S*>(ptrs[5]) + start : nullptr;
     const S* omega = ptrs[6] ? static_cast<const S*>(ptrs[6]) + start : nullptr;
     double acc = 0.0;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      M p = load_as<M>(theta + i);
-      M g = load_as<M>(grad + i);
-      acc += penalise(g, p, star, omega, i, two_lam);
-      if (maximize) g = -g;
-      if (weight_decay != M(0)) {
-        if (decoupled) p *= M(1) - lr * weight_decay;
-        else g += weight_decay * p;
+    for_each_slot(n, vec, [&](const IlpSlot& s) {
+      P th[kILP], gr[kILP], m1[kILP], m2[kILP], mx[kILP];
+      S st[kILP], om[kILP];
+      s.load(th, theta);
+      s.load(gr, grad);
+      s.load(m1, exp_avg);
+      s.load(m2, exp_avg_sq);
+      s.load(mx, max_sq);
+      s.load(st, star);
+      s.load(om, omega);
+#pragma unroll
+      for (int j = 0; j < kILP; ++j) {
+        if (!s.valid(j)) continue;
+        M p = load_as<M>(&th[j]);
+        M g = load_as<M>(&gr[j]);
+        if (star != nullptr) acc += penalise(g, p, st[j], om[j], two_lam);
+        if (maximize) g = -g;
+        if (weight_decay != M(0)) {
+          if (decoupled) p *= M(1) - lr * weight_decay;
+          else g += weight_decay * p;
+        }
+        const M m_old = load_as<M>(&m1[j]);
+        const M m = m_old + (M(1) - beta1) * (g - m_old);
+        M v = load_as<M>(&m2[j]) * beta2 + (M(1) - beta2) * g * g;
+        m1[j] = from_math<P, M>(m);
+        m2[j] = from_math<P, M>(v);
+        if (max_sq != nullptr) {
+          v = max(load_as<M>(&mx[j]), v);
+          mx[j] = from_math<P, M>(v);
+        }
+        th[j] = from_math<P, M>(p - step_size * m / (sqrt(v) / bc2_sqrt + eps));
       }
-      const M m_old = load_as<M>(exp_avg + i);
-      const M m = m_old + (M(1) - beta1) * (g - m_old);
-      M v = load_as<M>(exp_avg_sq + i) * beta2 + (M(1) - beta2) * g * g;
-      exp_avg[i] = from_math<P, M>(m);
-      exp_avg_sq[i] = from_math<P, M>(v);
-      if (max_sq != nullptr) {
-        v = max(load_as<M>(max_sq + i), v);
-        max_sq[i] = from_math<P, M>(v);
-      }
-      theta[i] = from_math<P, M>(p - step_size * m / (sqrt(v) / bc2_sqrt + eps));
-    }
+      s.store(exp_avg, m1);
+      s.store(exp_avg_sq, m2);
+      s.store(max_sq, mx);
+      s.store(theta, th);
+    });
     return acc;
   }
 };
@@ -118,8 +148,7 @@ cudaError_t adam(const AdamArgs& a, cudaStream_t stream) {
   const double bc2 = 1.0 - pow(a.beta2, a.step);
   AdamOp<P, S> op{static_cast<M>(2.0 * a.lam), static_cast<M>(a.lr), static_cast<M>(a.beta1),
                   static_cast<M>(a.beta2), static_cast<M>(a.eps), static_cast<M>(a.weight_decay),
-                  static_cast<M>(a.lr / bc1), static_cast<M>(sqrt(bc2)), a.decoupled_weight_decay,
-                  a.max_exp_avg_sqs != nullptr, a.maximize};
+                  static_cast<M>(a.lr / bc1), static_cast<M>(sqrt(bc2)), a.decoupled_weight_decay, a.maximize};
   return run_with_penalty<7, AdamOp<P, S>, S>(a.n, lists, a.numels, op, a.lam, a.partials, a.out_penalty, stream);
 }
 

@@ -13,37 +13,30 @@ struct PenaltyOp {
   using M = typename MathOf<P>::type;
   M two_lam;
 
+  // ptrs: θ, θ*, Ω, grad (nullptr: the value only)
   __device__ __forceinline__ double operator()(void** ptrs, int64_t start, int64_t n, bool vec) const {
-    P* theta = static_cast<P*>(ptrs[0]) + start;
+    const P* theta = static_cast<const P*>(ptrs[0]) + start;
     const S* star = static_cast<const S*>(ptrs[1]) + start;
     const S* omega = static_cast<const S*>(ptrs[2]) + start;
     P* grad = ptrs[3] ? static_cast<P*>(ptrs[3]) + start : nullptr;
     double acc = 0.0;
-    if (vec) {
-      for (int64_t i = threadIdx.x * kILP; i < n; i += blockDim.x * kILP) {
-        P th[kILP], g[kILP];
-        S st[kILP], om[kILP];
-        load_ilp(th, theta + i);
-        load_ilp(st, star + i);
-        load_ilp(om, omega + i);
-        if (grad) load_ilp(g, grad + i);
+    for_each_slot(n, vec, [&](const IlpSlot& s) {
+      P th[kILP], g[kILP];
+      S st[kILP], om[kILP];
+      s.load(th, theta);
+      s.load(st, star);
+      s.load(om, omega);
+      s.load(g, grad);
 #pragma unroll
-        for (int j = 0; j < kILP; ++j) {
-          const M d = load_as<M>(&th[j]) - static_cast<M>(st[j]);
-          const M w = static_cast<M>(om[j]);
-          acc += penalty_term(w, d);
-          if (grad) g[j] = from_math<P, M>(load_as<M>(&g[j]) + two_lam * w * d);
-        }
-        if (grad) store_ilp(grad + i, g);
-      }
-    } else {
-      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        const M d = load_as<M>(theta + i) - static_cast<M>(star[i]);
-        const M w = static_cast<M>(omega[i]);
+      for (int j = 0; j < kILP; ++j) {
+        if (!s.valid(j)) continue;
+        const M d = load_as<M>(&th[j]) - static_cast<M>(st[j]);
+        const M w = static_cast<M>(om[j]);
         acc += penalty_term(w, d);
-        if (grad) grad[i] = from_math<P, M>(load_as<M>(grad + i) + two_lam * w * d);
+        if (grad) g[j] = from_math<P, M>(load_as<M>(&g[j]) + two_lam * w * d);
       }
-    }
+      s.store(grad, g);
+    });
     return acc;
   }
 };
@@ -55,16 +48,27 @@ struct PenaltyGradOp {
   using M = typename MathOf<P>::type;
   const double* scale;
 
-  __device__ __forceinline__ double operator()(void** ptrs, int64_t start, int64_t n, bool) const {
+  // ptrs: θ, θ*, Ω, grad
+  __device__ __forceinline__ double operator()(void** ptrs, int64_t start, int64_t n, bool vec) const {
     const P* theta = static_cast<const P*>(ptrs[0]) + start;
     const S* star = static_cast<const S*>(ptrs[1]) + start;
     const S* omega = static_cast<const S*>(ptrs[2]) + start;
     P* grad = static_cast<P*>(ptrs[3]) + start;
-    const M s = static_cast<M>(*scale);
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const M d = load_as<M>(theta + i) - static_cast<M>(star[i]);
-      grad[i] = from_math<P, M>((s * static_cast<M>(omega[i])) * d);
-    }
+    const M sc = static_cast<M>(*scale);
+    for_each_slot(n, vec, [&](const IlpSlot& s) {
+      P th[kILP], g[kILP];
+      S st[kILP], om[kILP];
+      s.load(th, theta);
+      s.load(st, star);
+      s.load(om, omega);
+#pragma unroll
+      for (int j = 0; j < kILP; ++j) {
+        if (!s.valid(j)) continue;
+        const M d = load_as<M>(&th[j]) - static_cast<M>(st[j]);
+        g[j] = from_math<P, M>((sc * static_cast<M>(om[j])) * d);
+      }
+      s.store(grad, g);
+    });
     return 0.0;
   }
 };

@@ -10,21 +10,20 @@ namespace {
 template <typename S>
 struct MergeOp {
   S a, b;
+
+  // ptrs: dst, src
   __device__ __forceinline__ double operator()(void** ptrs, int64_t start, int64_t n, bool vec) const {
     S* dst = static_cast<S*>(ptrs[0]) + start;
     const S* src = static_cast<const S*>(ptrs[1]) + start;
-    if (vec) {
-      for (int64_t i = threadIdx.x * kILP; i < n; i += blockDim.x * kILP) {
-        S d[kILP], s[kILP];
-        load_ilp(d, dst + i);
-        load_ilp(s, src + i);
+    for_each_slot(n, vec, [&](const IlpSlot& s) {
+      S d[kILP], x[kILP];
+      s.load(d, dst);
+      s.load(x, src);
 #pragma unroll
-        for (int j = 0; j < kILP; ++j) d[j] = a * d[j] + b * s[j];
-        store_ilp(dst + i, d);
-      }
-    } else {
-      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = a * dst[i] + b * src[i];
-    }
+      for (int j = 0; j < kILP; ++j)
+        if (s.valid(j)) d[j] = a * d[j] + b * x[j];
+      s.store(dst, d);
+    });
     return 0.0;
   }
 };
@@ -32,6 +31,7 @@ struct MergeOp {
 template <typename S>
 struct RunningMeanOp {
   S batch_count, inv_total;
+
   __device__ __forceinline__ void update(S& m, S& c, S s) const {
     const S delta = (s - batch_count * m) * inv_total;
     const S y = delta - c;
@@ -39,24 +39,23 @@ struct RunningMeanOp {
     c = (t - m) - y;
     m = t;
   }
+
+  // ptrs: mean, Kahan compensation, batch sum
   __device__ __forceinline__ double operator()(void** ptrs, int64_t start, int64_t n, bool vec) const {
     S* mean = static_cast<S*>(ptrs[0]) + start;
     S* comp = static_cast<S*>(ptrs[1]) + start;
     const S* sum = static_cast<const S*>(ptrs[2]) + start;
-    if (vec) {
-      for (int64_t i = threadIdx.x * kILP; i < n; i += blockDim.x * kILP) {
-        S m[kILP], c[kILP], s[kILP];
-        load_ilp(m, mean + i);
-        load_ilp(c, comp + i);
-        load_ilp(s, sum + i);
+    for_each_slot(n, vec, [&](const IlpSlot& s) {
+      S m[kILP], c[kILP], x[kILP];
+      s.load(m, mean);
+      s.load(c, comp);
+      s.load(x, sum);
 #pragma unroll
-        for (int j = 0; j < kILP; ++j) update(m[j], c[j], s[j]);
-        store_ilp(mean + i, m);
-        store_ilp(comp + i, c);
-      }
-    } else {
-      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) update(mean[i], comp[i], sum[i]);
-    }
+      for (int j = 0; j < kILP; ++j)
+        if (s.valid(j)) update(m[j], c[j], x[j]);
+      s.store(mean, m);
+      s.store(comp, c);
+    });
     return 0.0;
   }
 };

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -109,6 +110,29 @@ class _AdamArgs(ctypes.Structure):  # mas_fast::cuda::AdamArgs
 
 _ubsan_report = ""  # the first UBSan report of this process
 
+# NaN elements after each guarded tensor, more than one block step (512 threads × 4 elements):
+# an out-of-bounds read poisons a result, an out-of-bounds write shows.
+GUARD = 4096
+
+
+def guarded(values: Tensor, offset: int = 0) -> Tensor:
+    """`values` (flattened) copied `offset` elements into a buffer that ends in GUARD NaNs; the
+    view carries the guard slice as `.guard`, which EmulatedCuda checks after every call."""
+    n = values.numel()
+    buf = torch.full((offset + n + GUARD,), float("nan"), dtype=values.dtype, device=values.device)
+    view = buf[offset:offset + n]
+    view.copy_(values.reshape(-1))
+    view.guard = buf[offset + n:]
+    return view
+
+
+def _output(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A NaN-filled, guarded kernel output: unwritten elements and stray writes both show."""
+    flat = guarded(torch.full((math.prod(shape),), float("nan"), dtype=dtype))
+    out = flat.view(shape)
+    out.guard = flat.guard
+    return out
+
 
 class EmulatorError(RuntimeError):
     """A launch the emulator refused or a kernel it caught misbehaving."""
@@ -122,7 +146,9 @@ class EmulatedCuda:
     """The torch-free CUDA entry points (csrc/cuda/mas_cuda.h), run by the emulator on CPU tensors.
 
     Method names and arguments follow mas_fast.ops.reference, so results compare one to one.
-    A θ*/Ω entry of None marks a parameter MAS does not cover (the optimizers' nullptr).
+    A θ*/Ω entry of None marks a parameter MAS does not cover (the optimizers' nullptr). A
+    tensor with a `.guard` attribute (NaNs right after it, tests/multi_tensor_cases.py) must
+    find them intact after the call.
     """
 
     def __init__(self, library: Path):
@@ -131,6 +157,7 @@ class EmulatedCuda:
         for name in ("emu_partials_len", "emu_per_sample_abs_sum_workspace_len"):
             getattr(self.lib, name).restype = ctypes.c_int64
         self._keep: list = []  # ctypes arrays alive until the call returns
+        self._guarded: list[Tensor] = []  # this call's tensors with a NaN guard after their end
 
     # ------------------------------------------------------------------ plumbing
     def _ptrs(self, tensors: Sequence[Optional[Tensor]]) -> ctypes.Array:
@@ -140,7 +167,14 @@ class EmulatedCuda:
         array = (ctypes.c_void_p * max(1, len(tensors)))(*[t.data_ptr() if t is not None else None
                                                             for t in tensors])
         self._keep.append(array)
+        self._guarded += [t for t in tensors if t is not None and hasattr(t, "guard")]
         return array
+
+    def _ptr(self, t: Tensor) -> ctypes.c_void_p:
+        """One tensor's address (its guard checked after the call)."""
+        if hasattr(t, "guard"):
+            self._guarded.append(t)
+        return ctypes.c_void_p(t.data_ptr())
 
     def _addresses(self, lists: Sequence[Optional[Sequence[Optional[Tensor]]]]) -> list[Optional[int]]:
         """Addresses of pointer arrays for an argument struct (None: an absent list)."""
@@ -164,6 +198,7 @@ class EmulatedCuda:
                 os.dup2(saved, 2)
                 os.close(saved)
                 self._keep.clear()
+                guarded, self._guarded = self._guarded, []
             log.seek(0)
             report = log.read().decode(errors="replace")
         if "runtime error" in report:
@@ -173,21 +208,24 @@ class EmulatedCuda:
         failure = self.lib.emu_failure().decode()
         if rc != 0 or failure:
             raise EmulatorError(f"{op}: cudaError {rc}: {failure or 'no emulator diagnosis'}")
+        for t in guarded:
+            if not torch.isnan(t.guard).all():
+                raise EmulatorError(f"{op}: wrote past the end of a tensor of {t.numel()} elements")
 
     def _partials(self, tensors: Sequence[Tensor]) -> Tensor:
         count = self.lib.emu_partials_len(len(tensors), self._numels(tensors))
-        return torch.full((max(1, count),), float("nan"), dtype=torch.float64)  # NaN: unwritten slots show
+        return _output((max(1, count),), torch.float64)
 
     # ------------------------------------------------------------------ penalty
     def penalty_and_grad_(self, params: Sequence[Tensor], grads: Optional[Sequence[Tensor]],
                           theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float) -> Tensor:
         dtype = params[0].dtype
-        out = torch.full((), float("nan"), dtype=_state_dtype(dtype))
+        out = _output((), _state_dtype(dtype))
         partials = self._partials(params)
         self._run("penalty_and_grad", "emu_penalty_and_grad", DTYPE_CODE[dtype], len(params), self._ptrs(params),
                   self._ptrs(grads) if grads is not None else None, self._ptrs(theta_star), self._ptrs(omega),
-                  self._numels(params), ctypes.c_double(lam), ctypes.c_void_p(partials.data_ptr()),
-                  ctypes.c_void_p(out.data_ptr()))
+                  self._numels(params), ctypes.c_double(lam), self._ptr(partials),
+                  self._ptr(out))
         return out
 
     def penalty(self, params, theta_star, omega, lam: float) -> Tensor:
@@ -196,11 +234,11 @@ class EmulatedCuda:
     def penalty_grad(self, params: Sequence[Tensor], theta_star: Sequence[Tensor], omega: Sequence[Tensor],
                      lam: float, upstream: float = 1.0) -> list[Tensor]:
         """The penalty's backward: grads = 2λ·upstream·Ω(θ − θ*), written into fresh tensors."""
-        grads = [torch.full_like(p, float("nan")) for p in params]
+        grads = [_output(tuple(p.shape), p.dtype) for p in params]
         scale = torch.tensor(2.0 * lam * upstream, dtype=torch.float64)
         self._run("penalty_grad", "emu_penalty_grad", DTYPE_CODE[params[0].dtype], len(params), self._ptrs(params),
                   self._ptrs(grads), self._ptrs(theta_star), self._ptrs(omega), self._numels(params),
-                  ctypes.c_void_p(scale.data_ptr()))
+                  self._ptr(scale))
         return grads
 
     # ------------------------------------------------------------------ Ω state
@@ -217,24 +255,24 @@ class EmulatedCuda:
     # ------------------------------------------------------------------ optimizers
     def sgd_step_(self, params, grads, momentum_buffers, theta_star, omega, *, lam, lr, momentum, dampening,
                   weight_decay, nesterov, maximize, init_buffers) -> Tensor:
-        out = torch.full((), float("nan"), dtype=_state_dtype(params[0].dtype))
+        out = _output((), _state_dtype(params[0].dtype))
         partials = self._partials(params)
         lists = [params, grads, momentum_buffers if momentum != 0 else None, theta_star, omega]
         args = _SgdArgs(len(params), *self._addresses(lists), ctypes.addressof(self._numels(params)), lam, lr,
-                        momentum, dampening, weight_decay, nesterov, maximize, init_buffers, partials.data_ptr(),
-                        out.data_ptr())
+                        momentum, dampening, weight_decay, nesterov, maximize, init_buffers, self._ptr(partials).value,
+                        self._ptr(out).value)
         self._run("sgd_step", "emu_sgd_step", DTYPE_CODE[params[0].dtype], ctypes.byref(args))
         return out
 
     def adam_step_(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, theta_star, omega, *, step: float,
                    lam, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize) -> Tensor:
         """`step`: the step count after incrementing, shared by all tensors."""
-        out = torch.full((), float("nan"), dtype=_state_dtype(params[0].dtype))
+        out = _output((), _state_dtype(params[0].dtype))
         partials = self._partials(params)
         lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, theta_star, omega]
         args = _AdamArgs(len(params), *self._addresses(lists), ctypes.addressof(self._numels(params)), lam, lr,
                          beta1, beta2, eps, weight_decay, step, decoupled_weight_decay, maximize,
-                         partials.data_ptr(), out.data_ptr())
+                         self._ptr(partials).value, self._ptr(out).value)
         self._run("adam_step", "emu_adam_step", DTYPE_CODE[params[0].dtype], ctypes.byref(args))
         return out
 
@@ -242,19 +280,19 @@ class EmulatedCuda:
     def per_sample_abs_sum(self, delta: Tensor, scale: Optional[Tensor] = None, out_double: bool = False) -> Tensor:
         """Σ_k |Σ_t δ_ktc · s_ktc| for (B, T, C) CPU tensors of any strides."""
         B, T, C = delta.shape
-        out = torch.full((C,), float("nan"), dtype=torch.float64 if out_double else torch.float32)
+        out = _output((C,), torch.float64 if out_double else torch.float32)
         slots = self.lib.emu_per_sample_abs_sum_workspace_len(ctypes.c_int64(B), ctypes.c_int64(C))
-        workspace = torch.full((max(1, slots),), float("nan"), dtype=torch.float64)
+        workspace = _output((max(1, slots),), torch.float64)
         scale_strides = (ctypes.c_int64 * 3)(*scale.stride()) if scale is not None else None
         self._run("per_sample_abs_sum", "emu_per_sample_abs_sum", DTYPE_CODE[delta.dtype],
-                  ctypes.c_void_p(delta.data_ptr()), (ctypes.c_int64 * 3)(*delta.stride()),
+                  self._ptr(delta), (ctypes.c_int64 * 3)(*delta.stride()),
                   DTYPE_CODE[scale.dtype if scale is not None else torch.float32],
                   ctypes.c_void_p(scale.data_ptr() if scale is not None else None), scale_strides,
                   ctypes.c_int64(B), ctypes.c_int64(T), ctypes.c_int64(C), ctypes.c_bool(out_double),
-                  ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(workspace.data_ptr()))
+                  self._ptr(out), self._ptr(workspace))
         return out
 
     # ------------------------------------------------------------------ the emulator's own checks
     def fault(self, which: int, out: Tensor) -> None:
         """Runs one kernel of faults.cu (0-3: faulty, 4: a correct 2-D grid) writing into `out`."""
-        self._run("fault", "emu_fault", which, ctypes.c_void_p(out.data_ptr()))
+        self._run("fault", "emu_fault", which, self._ptr(out))
