@@ -3,7 +3,8 @@
 A benchmark test times each implementation with `measure(benchmark, fn)` (pytest-benchmark
 pedantic rounds, CUDA-synchronised) and files the median with `record(...)`. At the end of
 the session conftest.py writes every row plus the ratio of each row to the baseline of its
-group, measured in the same run, to benchmarks/results/<suite>-<device>.json.
+group, measured in the same run, to benchmarks/results/<suite>-<device>.json (a partial run
+replaces only the groups it measured).
 """
 from __future__ import annotations
 
@@ -76,25 +77,40 @@ def timings(suite: str, methods: tuple[str, ...] = ()) -> dict[str, dict[str, fl
     return {g: t for g, t in out.items() if all(m in t for m in methods)}
 
 
+def _kept_groups(path: str, device: str, measured: set[str]) -> list[dict[str, Any]]:
+    """Rows of an earlier results file for the same device whose group this run did not
+    measure: a partial run (`-k ...`) replaces whole groups, so every ratio still compares
+    timings of one run."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("device") != device:
+        return []
+    return [r for r in old.get("rows", []) if r.get("group") not in measured]
+
+
 def write_results() -> list[str]:
-    """Write one JSON per (suite, device) with ratios to the group's baseline; returns paths."""
+    """Write one JSON per (suite, device) with ratios to the group's baseline; returns paths.
+    Groups measured in this run replace their earlier rows; other groups of the file stay."""
     paths = []
+    today = datetime.date.today().isoformat()
     keys = sorted({(r["suite"], r["device"]) for r in ROWS})
     for suite, device in keys:
-        rows = [r for r in ROWS if r["suite"] == suite and r["device"] == device]
+        rows = [dict(r, date=today) for r in ROWS if r["suite"] == suite and r["device"] == device]
         base = {r["group"]: r["seconds"] for r in rows if r["baseline"]}
         for r in rows:
             if r["group"] in base:
                 r["ratio_to_baseline"] = r["seconds"] / base[r["group"]]
         name = device_name(device)
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40]
+        path = os.path.join(os.environ.get("MAS_FAST_BENCH_OUT", RESULTS_DIR), f"{suite}-{slug}.json")
+        rows = _kept_groups(path, name, {r["group"] for r in rows}) + rows
         doc = {
             "suite": suite, "device": name, "device_kind": device.split(":")[0],
             "torch": torch.__version__, "cuda": torch.version.cuda,
-            "date": datetime.date.today().isoformat(), "rows": rows,
+            "date": today, "rows": rows,
         }
-        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40]
-        os.makedirs(RESULTS_DIR, exist_ok=True)
-        path = os.path.join(os.environ.get("MAS_FAST_BENCH_OUT", RESULTS_DIR), f"{suite}-{slug}.json")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump(doc, f, indent=1)

@@ -1,0 +1,34 @@
+"""The benchmark results files: a partial run replaces only the groups it measured."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import common  # noqa: E402
+
+
+@pytest.fixture
+def rows(monkeypatch, tmp_path):
+    monkeypatch.setenv("MAS_FAST_BENCH_OUT", str(tmp_path))
+    monkeypatch.setattr(common, "ROWS", [])
+    return common.ROWS
+
+
+def _run(rows, timings):
+    rows.clear()
+    for group, (base, fast) in timings.items():
+        common.record("suite", group, "baseline", base, "cpu", baseline=True)
+        common.record("suite", group, "fast", fast, "cpu")
+    (path,) = common.write_results()
+    with open(path) as f:
+        return {(r["group"], r["name"]): r for r in json.load(f)["rows"]}
+
+
+def test_a_partial_run_replaces_only_its_groups(rows):
+    _run(rows, {"a": (2.0, 1.0), "b": (4.0, 1.0)})
+    after = _run(rows, {"a": (3.0, 1.5)})
+    assert sorted(after) == [("a", "baseline"), ("a", "fast"), ("b", "baseline"), ("b", "fast")]
+    assert after[("a", "fast")]["seconds"] == 1.5 and after[("a", "fast")]["ratio_to_baseline"] == 0.5
+    assert after[("b", "fast")]["seconds"] == 1.0 and after[("b", "fast")]["ratio_to_baseline"] == 0.25
