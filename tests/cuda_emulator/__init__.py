@@ -147,8 +147,8 @@ class EmulatedCuda:
 
     Method names and arguments follow mas_fast.ops.reference, so results compare one to one.
     A θ*/Ω entry of None marks a parameter MAS does not cover (the optimizers' nullptr). A
-    tensor with a `.guard` attribute (NaNs right after it, tests/multi_tensor_cases.py) must
-    find them intact after the call.
+    tensor with a `.guard` attribute (the NaNs after a `guarded` view) must find them intact
+    after the call.
     """
 
     def __init__(self, library: Path):

@@ -5,8 +5,6 @@
 
 #include <csetjmp>
 #include <csignal>
-#include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -31,8 +29,8 @@ struct Fiber {
   ucontext_t context;
   std::unique_ptr<char[]> stack;
   State state = State::kReady;
-  int barrier = 0;     // kBlockBarrier, or the warp index while waiting in a shuffle
-  unsigned mask = 0;   // the lanes the shuffle names
+  int barrier = 0;    // kBlockBarrier, or the warp index while waiting in a shuffle
+  unsigned mask = 0;  // the lanes the shuffle names
 };
 
 std::mutex launch_mutex;  // ctypes releases the GIL: one emulated launch at a time
