@@ -32,3 +32,14 @@ def test_a_partial_run_replaces_only_its_groups(rows):
     assert sorted(after) == [("a", "baseline"), ("a", "fast"), ("b", "baseline"), ("b", "fast")]
     assert after[("a", "fast")]["seconds"] == 1.5 and after[("a", "fast")]["ratio_to_baseline"] == 0.5
     assert after[("b", "fast")]["seconds"] == 1.0 and after[("b", "fast")]["ratio_to_baseline"] == 0.25
+
+
+def test_every_results_file_gets_its_plot(rows, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib (the demo/test extra) is not installed")
+    import plot
+
+    _run(rows, {"a": (2.0, 1.0), "b": (4.0, 8.0)})
+    (results,) = tmp_path.glob("*.json")
+    assert plot.speedups(json.loads(results.read_text())) == {"a": {"fast": 2.0}, "b": {"fast": 0.5}}
+    (png,) = plot.main([str(results)])
+    assert png == str(results.with_suffix(".png")) and os.path.getsize(png) > 1000

@@ -13,7 +13,8 @@ from .scenarios import TITLES
 from .train import RunResult
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -24,7 +25,7 @@ def _pyplot():
 
 def accuracy_matrices(runs: Sequence[RunResult], scenario: str, path: str) -> None:
     """One heatmap per method of R averaged over seeds (row: after task i, column: task j)."""
-    plt = _pyplot()
+    plt = pyplot()
     method_runs = group(runs)[scenario]
     fig, axes = plt.subplots(1, len(method_runs), figsize=(3.2 * len(method_runs), 3.8), squeeze=False)
     for ax, (method, rs) in zip(axes[0], method_runs.items()):
@@ -47,7 +48,7 @@ def accuracy_matrices(runs: Sequence[RunResult], scenario: str, path: str) -> No
 
 def accuracy_curves(runs: Sequence[RunResult], path: str) -> None:
     """Per scenario: mean accuracy over the tasks seen so far, after each task (mean ± std)."""
-    plt = _pyplot()
+    plt = pyplot()
     grouped = group(runs)
     fig, axes = plt.subplots(1, len(grouped), figsize=(5 * len(grouped), 3.8), squeeze=False)
     for ax, (scenario, method_runs) in zip(axes[0], grouped.items()):
@@ -81,7 +82,7 @@ def importance_histograms(runs: Sequence[RunResult], scenario: str, path: str) -
 
     Returns False (and writes nothing) when no run of the scenario has importance.
     """
-    plt = _pyplot()
+    plt = pyplot()
     firsts = [rs[0] for rs in group(runs)[scenario].values() if rs[0].importance]
     if not firsts:
         return False
