@@ -75,7 +75,7 @@ def build() -> Path:
     lib = out_dir / "libmas_cuda_emulated.so"
     if lib.exists():
         return lib
-    src_dir = out_dir / "src"
+    src_dir = out_dir / f"src-{os.getpid()}"  # per process: parallel test runs do not collide
     src_dir.mkdir(parents=True, exist_ok=True)
     units = []
     for path in [*sorted(KERNELS.iterdir()), *sorted(HERE.glob("*.cu"))]:
@@ -84,11 +84,11 @@ def build() -> Path:
             units.append(src_dir / path.name)
     cmd = [compiler(), *FLAGS, "-I", str(HERE / "include"), "-I", str(src_dir),
            "-x", "c++", *map(str, units), "-x", "none", str(HERE / "emulator.cpp"), str(HERE / "bindings.cpp"),
-           "-o", str(lib) + ".tmp"]
+           "-o", f"{lib}.{os.getpid()}.tmp"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"building the CUDA emulator failed:\n{' '.join(cmd)}\n{result.stderr}")
-    os.replace(str(lib) + ".tmp", lib)
+    os.replace(f"{lib}.{os.getpid()}.tmp", lib)
     return lib
 
 
