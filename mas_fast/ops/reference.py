@@ -66,7 +66,7 @@ def per_sample_abs_matmul(delta: Tensor, x: Tensor) -> Tensor:
     for s in range(0, B, step):
         d = delta[s:s + step].to(dt)
         xx = x[s:s + step].to(dt)
-        out += (d.transpose(-1, -2) @ xx).abs().sum(0)
+        out += (d.transpose(-1, -2) @ xx).abs_().sum(0)  # in place: one chunk-sized temporary
     return out
 
 
@@ -114,7 +114,7 @@ def conv_abs_grad(
                      stride=tuple(stride))  # (c, Cin*kh*kw, L)
         u = u.view(c, G, cin_g * kh * kw, L).transpose(-1, -2)  # (c, G, L, I)
         d = delta[s:s + step].to(dt).reshape(c, G, Cout // G, L).transpose(-1, -2)  # (c, G, L, O)
-        out += (d.transpose(-1, -2) @ u).abs().sum(0)
+        out += (d.transpose(-1, -2) @ u).abs_().sum(0)
     return out.reshape(weight_shape)
 
 
