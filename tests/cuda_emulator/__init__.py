@@ -3,8 +3,8 @@
 The kernel sources are compiled unchanged except for one rewrite, `k<<<cfg>>>(args)` →
 `::emu::launch(k, cfg, args)`, with UBSan on: an out-of-bounds index into a fixed array, a
 misaligned vector load or a signed overflow fails the call with UBSan's report (its source
-line). Buffers are CPU tensors; the entry points take contiguous ones (ops.cpp's CUDA
-wrappers do the gathering).
+line). Buffers are CPU tensors: EmulatedCuda takes contiguous ones, like the raw entry
+points; cuda_emulator.ops.EmulatedOps adds what ops.cpp's CUDA wrappers do around them.
 """
 from __future__ import annotations
 
