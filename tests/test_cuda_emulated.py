@@ -32,10 +32,6 @@ def emu():
     return cuda_emulator.EmulatedCuda(cuda_emulator.build())
 
 
-def state_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # Element offsets of the tensors' views: 16-byte aligned (the 128-bit path), unaligned (the
 # scalar path), and 16 bytes in (128-bit path; for fp64 not 32-byte aligned).
 OFFSETS = pytest.mark.parametrize("offset", ["aligned", "unaligned", "16 bytes"])
@@ -104,7 +100,7 @@ def test_penalty_and_grad_across_chunk_and_launch_boundaries(emu, dtype, offset)
     want_grads = [g.clone() for g in grads]
     want = reference.penalty_and_grad_(params, want_grads, stars, omegas, 0.7)
     got = emu.penalty_and_grad_(params, grads, stars, omegas, 0.7)
-    assert_close(got, want, state_dtype(dtype))
+    assert_close(got, want, reference.acc_dtype(dtype))
     for a, b in zip(grads, want_grads):
         assert_close(a, b, dtype)
 
@@ -193,7 +189,7 @@ def test_sgd_steps(emu, dtype, options, offset):
         kwargs = dict(lam=0.8, lr=0.05, init_buffers=step == 0, **options)
         got_value = emu.sgd_step_(params, grads, bufs, *kernel_terms, **kwargs)
         want_value = reference.sgd_step_(want, grads, want_bufs, *ref_terms, **kwargs)
-        assert_close(got_value, want_value, state_dtype(dtype), f"penalty at step {step}")
+        assert_close(got_value, want_value, reference.acc_dtype(dtype), f"penalty at step {step}")
     for a, b in zip(params + bufs, want + want_bufs):
         assert_close(a, b, dtype)
 
@@ -216,7 +212,7 @@ def test_adam_steps(emu, dtype, options, offset):
         got_value = emu.adam_step_(params, grads, *kernel_state, *kernel_terms, step=float(step), **hyper)
         want_value = reference.adam_step_(want, grads, *want_state[:2], want_state[2] if options["amsgrad"] else [],
                                           steps, *ref_terms, **hyper)
-        assert_close(got_value, want_value, state_dtype(dtype), f"penalty at step {step}")
+        assert_close(got_value, want_value, reference.acc_dtype(dtype), f"penalty at step {step}")
     for a, b in zip(params + state[0] + state[1], want + want_state[0] + want_state[1]):
         assert_close(a, b, dtype)
 

@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from mas_fast.ops.reference import acc_dtype
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 KERNELS = ROOT / "csrc" / "cuda"
@@ -138,10 +140,6 @@ class EmulatorError(RuntimeError):
     """A launch the emulator refused or a kernel it caught misbehaving."""
 
 
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class EmulatedCuda:
     """The torch-free CUDA entry points (csrc/cuda/mas_cuda.h), run by the emulator on CPU tensors.
 
@@ -220,7 +218,7 @@ class EmulatedCuda:
     def penalty_and_grad_(self, params: Sequence[Tensor], grads: Optional[Sequence[Tensor]],
                           theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float) -> Tensor:
         dtype = params[0].dtype
-        out = _output((), _state_dtype(dtype))
+        out = _output((), acc_dtype(dtype))
         partials = self._partials(params)
         self._run("penalty_and_grad", "emu_penalty_and_grad", DTYPE_CODE[dtype], len(params), self._ptrs(params),
                   self._ptrs(grads) if grads is not None else None, self._ptrs(theta_star), self._ptrs(omega),
@@ -255,7 +253,7 @@ class EmulatedCuda:
     # ------------------------------------------------------------------ optimizers
     def sgd_step_(self, params, grads, momentum_buffers, theta_star, omega, *, lam, lr, momentum, dampening,
                   weight_decay, nesterov, maximize, init_buffers) -> Tensor:
-        out = _output((), _state_dtype(params[0].dtype))
+        out = _output((), acc_dtype(params[0].dtype))
         partials = self._partials(params)
         lists = [params, grads, momentum_buffers if momentum != 0 else None, theta_star, omega]
         args = _SgdArgs(len(params), *self._addresses(lists), ctypes.addressof(self._numels(params)), lam, lr,
@@ -267,7 +265,7 @@ class EmulatedCuda:
     def adam_step_(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, theta_star, omega, *, step: float,
                    lam, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize) -> Tensor:
         """`step`: the step count after incrementing, shared by all tensors."""
-        out = _output((), _state_dtype(params[0].dtype))
+        out = _output((), acc_dtype(params[0].dtype))
         partials = self._partials(params)
         lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, theta_star, omega]
         args = _AdamArgs(len(params), *self._addresses(lists), ctypes.addressof(self._numels(params)), lam, lr,
