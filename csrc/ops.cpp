@@ -4,7 +4,7 @@
 // a CUDA build of torch (MAS_FAST_WITH_CUDA).
 //
 // Fake (meta) implementations and the autograd formula of `penalty` live in Python:
-// mas_fast/ops/library.py (set_python_module below points torch there).
+// mas_fast/ops/cpp_registrations.py (set_python_module below points torch there).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -617,7 +617,7 @@ Tensor per_sample_abs_sum_cuda(const Tensor& delta, const std::optional<Tensor>&
 }  // namespace mas_fast
 
 TORCH_LIBRARY(mas_fast, m) {
-  m.set_python_module("mas_fast.ops.library");
+  m.set_python_module("mas_fast.ops.cpp_registrations");
   m.def("penalty(Tensor[] params, Tensor[] theta_star, Tensor[] omega, float lam) -> Tensor");
   m.def("penalty_backward(Tensor grad_out, Tensor[] params, Tensor[] theta_star, Tensor[] omega, float lam)"
         " -> Tensor[]");

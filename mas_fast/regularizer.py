@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from . import ops
 from .importance import MODES, batch_importance
-from .integrations import distributed
-from .ops.reference import acc_dtype
+from . import distributed
+from .ops.policy import acc_dtype
 
 Tensor = torch.Tensor
 MERGES = ("sum", "alpha")
@@ -153,7 +153,7 @@ class MAS:
             all-reduces the task's importance sums and sample counts, so every rank holds the
             Ω of the union of all ranks' data; every rank must then call `consolidate()`.
             False keeps importance rank-local. Sharded parameters (FSDP, DTensor) raise a
-            TypeError (see mas_fast.integrations.distributed).
+            TypeError (see mas_fast.distributed).
 
     Importance passes run in eval mode (each module's mode restored), never touch
     `p.grad` and cover the parameters with `requires_grad=True`. Parameters added later

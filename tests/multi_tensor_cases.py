@@ -3,7 +3,7 @@
 import torch
 
 from cuda_emulator import guarded
-from mas_fast.ops import reference
+from mas_fast.ops import policy, reference
 
 CHUNK = 65536  # elements per block (csrc/cuda/multi_tensor.cuh kChunk)
 BLOCKS_PER_LAUNCH = 320
@@ -19,7 +19,7 @@ def terms(sizes, dtype, device, seed=0, offset=0):
     """params, grads, θ*, Ω, each a guarded view `offset` elements into its buffer (unaligned
     for an odd offset)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    acc = reference.acc_dtype(dtype)
+    acc = policy.acc_dtype(dtype)
 
     def randn(n, dt):
         return torch.randn(n, device=device, generator=g, dtype=dt)

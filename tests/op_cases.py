@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch.func import grad, vmap
 
-from mas_fast.ops.reference import acc_dtype
+from mas_fast.ops.policy import acc_dtype
 from tolerances import assert_close
 
 Tensor = torch.Tensor

@@ -1,7 +1,7 @@
 """torch.compile(fullgraph=True): a loss that calls mas.penalty(), and the fused optimizer step.
 
 The penalty runs as the custom op mas_fast::penalty (cpp backend; fake impl + autograd formula
-in mas_fast/ops/library.py) or as plain PyTorch (reference); both must trace without graph
+in mas_fast/ops/cpp_registrations.py) or as plain PyTorch (reference); both must trace without graph
 breaks, also when no backend has been loaded before tracing starts.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mas_fast import ops
-from mas_fast.ops import cpp, reference
+from mas_fast.ops import cpp, policy, reference
 from tolerances import TOL, assert_close
 
 requires_ext = pytest.mark.skipif(cpp.unavailable_reason() is not None, reason=str(cpp.unavailable_reason()))
@@ -23,7 +23,7 @@ mt = torch.ops.mas_fast
 
 
 def acc(dtype: torch.dtype) -> torch.dtype:
-    return reference.acc_dtype(dtype)
+    return policy.acc_dtype(dtype)
 
 
 def layout(t: torch.Tensor, i: int) -> torch.Tensor:

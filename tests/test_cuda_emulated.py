@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import cuda_emulator
 from cuda_emulator.ops import EmulatedOps
-from mas_fast.ops import cuda, reference
+from mas_fast.ops import cuda, policy, reference
 from multi_tensor_cases import CHUNK, MANY_SIZES, SIZES, terms
 from op_cases import CASES, NATIVE, check_outputs, input_dtypes, tensor_args
 from test_numerics import huge_penalty_inputs
@@ -100,7 +100,7 @@ def test_penalty_and_grad_across_chunk_and_launch_boundaries(emu, dtype, offset)
     want_grads = [g.clone() for g in grads]
     want = reference.penalty_and_grad_(params, want_grads, stars, omegas, 0.7)
     got = emu.penalty_and_grad_(params, grads, stars, omegas, 0.7)
-    assert_close(got, want, reference.acc_dtype(dtype))
+    assert_close(got, want, policy.acc_dtype(dtype))
     for a, b in zip(grads, want_grads):
         assert_close(a, b, dtype)
 
@@ -189,7 +189,7 @@ def test_sgd_steps(emu, dtype, options, offset):
         kwargs = dict(lam=0.8, lr=0.05, init_buffers=step == 0, **options)
         got_value = emu.sgd_step_(params, grads, bufs, *kernel_terms, **kwargs)
         want_value = reference.sgd_step_(want, grads, want_bufs, *ref_terms, **kwargs)
-        assert_close(got_value, want_value, reference.acc_dtype(dtype), f"penalty at step {step}")
+        assert_close(got_value, want_value, policy.acc_dtype(dtype), f"penalty at step {step}")
     for a, b in zip(params + bufs, want + want_bufs):
         assert_close(a, b, dtype)
 
@@ -212,7 +212,7 @@ def test_adam_steps(emu, dtype, options, offset):
         got_value = emu.adam_step_(params, grads, *kernel_state, *kernel_terms, step=float(step), **hyper)
         want_value = reference.adam_step_(want, grads, *want_state[:2], want_state[2] if options["amsgrad"] else [],
                                           steps, *ref_terms, **hyper)
-        assert_close(got_value, want_value, reference.acc_dtype(dtype), f"penalty at step {step}")
+        assert_close(got_value, want_value, policy.acc_dtype(dtype), f"penalty at step {step}")
     for a, b in zip(params + state[0] + state[1], want + want_state[0] + want_state[1]):
         assert_close(a, b, dtype)
 

@@ -21,7 +21,7 @@ from ..importance import batch_size, sites_of
 from ..importance.capture import Site, eval_mode, stream_deltas
 from ..importance.fallback import model_per_sample
 from ..importance.rules import linear_rule
-from ..ops.reference import acc_dtype
+from ..ops.policy import acc_dtype
 from ..regularizer import check_lambda
 
 Tensor = torch.Tensor

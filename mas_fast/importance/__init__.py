@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 from .capture import Site, eval_mode, hooked, stream_deltas, without_autocast
 from .fallback import model_per_sample, module_local, squared_norm, warn_once
 from .rules import rule_for
-from ..ops.reference import acc_dtype
+from ..ops.policy import acc_dtype
 
 Tensor = torch.Tensor
 MODES = ("per_sample", "batch", "local")

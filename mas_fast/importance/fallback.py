@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ..ops.reference import acc_dtype, samples_per_chunk
+from ..ops.policy import acc_dtype, samples_per_chunk
 
 Tensor = torch.Tensor
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops.reference import acc_dtype
+from ..ops.policy import acc_dtype
 from .fallback import per_sample_grad_sum
 
 Tensor = torch.Tensor

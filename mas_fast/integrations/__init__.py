@@ -1,7 +1,5 @@
 """Adapters that fit MAS into existing training stacks.
 
-- `mas_fast.integrations.distributed`: torch.distributed support used by `MAS` itself
-  (one Ω for all ranks; a clear error for sharded parameters).
 - `mas_fast.integrations.avalanche.MASPlugin`: drop-in for Avalanche's MASPlugin
   (`pip install mas_fast[avalanche]`).
 - `mas_fast.integrations.lightning.MASCallback`: a Lightning callback

@@ -23,7 +23,7 @@ except ImportError as exc:
     _IMPORT_ERROR: Optional[str] = str(exc)
 else:
     _IMPORT_ERROR = None
-    from . import library  # noqa: F401  (fake implementations, autograd of penalty)
+    from . import cpp_registrations  # noqa: F401  (fake implementations, autograd of penalty)
 
 OPS = frozenset({"penalty", "penalty_and_grad_", "merge_", "running_mean_update_", "sgd_step_", "adam_step_"})
 AUTO_DEVICES = frozenset({"cpu"})

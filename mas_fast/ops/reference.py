@@ -11,32 +11,14 @@ Conventions shared by all backends:
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .policy import acc_dtype, samples_per_chunk
+
 Tensor = torch.Tensor
-
-# Upper bound on the elements of one chunk's per-sample temporary (c × P_layer).
-_DEFAULT_CHUNK_ELEMENTS = 1 << 24
-
-
-def chunk_elements() -> int:
-    """Element budget of one per-sample chunk; MAS_FAST_CHUNK_ELEMENTS overrides it."""
-    return int(os.environ.get("MAS_FAST_CHUNK_ELEMENTS", _DEFAULT_CHUNK_ELEMENTS))
-
-
-def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float64 if any input is float64, else float32: the dtype Ω and θ* are kept in."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def samples_per_chunk(elements_per_sample: int, batch: int) -> int:
-    """How many samples fit in one chunk without exceeding `chunk_elements()`."""
-    return max(1, min(batch, chunk_elements() // max(1, elements_per_sample)))
-
 
 # --------------------------------------------------------------------------- importance
 
@@ -290,5 +272,5 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
 __all__ = [
     "abs_matmul", "per_sample_abs_matmul", "per_sample_abs_sum", "conv_abs_grad",
     "embedding_abs_grad", "running_mean_update_", "merge_", "penalty", "penalty_grad",
-    "penalty_and_grad_", "sgd_step_", "adam_step_", "acc_dtype", "chunk_elements", "samples_per_chunk",
+    "penalty_and_grad_", "sgd_step_", "adam_step_",
 ]

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mas_fast.ops.reference import acc_dtype
+from mas_fast.ops.policy import acc_dtype
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

@@ -22,7 +22,7 @@ except ImportError as exc:  # the backend reports itself unavailable instead of 
     INTERPRET = False
 else:
     _IMPORT_ERROR = None
-    from . import library as _lib
+    from . import custom_ops as _lib
     from ._runtime import INTERPRET, capability
 
 OPS = ("abs_matmul", "per_sample_abs_matmul", "per_sample_abs_sum", "conv_abs_grad",

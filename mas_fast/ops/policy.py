@@ -1,0 +1,28 @@
+"""Precision and memory policy shared by every backend and by the importance engine.
+
+- `acc_dtype`: the dtype Ω, θ* and importance sums are kept in (float32, float64 for float64).
+- `chunk_elements` / `samples_per_chunk`: the element budget that bounds per-sample temporaries.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Upper bound on the elements of one chunk's per-sample temporary (c × P_layer).
+_DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_elements() -> int:
+    """Element budget of one per-sample chunk; MAS_FAST_CHUNK_ELEMENTS overrides it."""
+    return int(os.environ.get("MAS_FAST_CHUNK_ELEMENTS", _DEFAULT_CHUNK_ELEMENTS))
+
+
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 if any input is float64, else float32: the dtype Ω and θ* are kept in."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def samples_per_chunk(elements_per_sample: int, batch: int) -> int:
+    """How many samples fit in one chunk without exceeding `chunk_elements()`."""
+    return max(1, min(batch, chunk_elements() // max(1, elements_per_sample)))
