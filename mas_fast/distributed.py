@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..ops.policy import acc_dtype
+from .ops.policy import acc_dtype
 
 Tensor = torch.Tensor
 
