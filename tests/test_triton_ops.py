@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend una
 
 if _REASON is None:
     from mas_fast.ops import triton as tb
-    from mas_fast.ops.triton import library as lib
+    from mas_fast.ops.triton import custom_ops as lib
 
     DEVICES = (["cpu"] if tb.INTERPRET else []) + (["cuda"] if torch.cuda.is_available() else [])
 else:

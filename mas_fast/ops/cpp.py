@@ -1,7 +1,7 @@
 """The "cpp" backend: multi-tensor OpenMP CPU kernels of the mas_fast._C extension (csrc/).
 
 Each op is one call over all parameters (torch.ops.mas_fast.*; schemas in csrc/ops.cpp, fake
-implementations and the penalty's autograd formula in library.py, so the ops trace under
+implementations and the penalty's autograd formula in cpp_registrations.py, so the ops trace under
 torch.compile). Parameters and grads: float32/float64/bfloat16/float16; Ω and θ*: float32
 (float64 for float64 parameters). Non-contiguous tensors work (through a contiguous copy).
 The penalty is accumulated in float64 per 65,536-element chunk, chunks added in a fixed
