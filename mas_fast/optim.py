@@ -131,12 +131,11 @@ class SGD(_MASOptimizer):
             group.setdefault("maximize", False)
 
     def _step_tensors(self, group, params, grads, theta_star, omega, lam):
-        momentum = group["momentum"]
-        kwargs = dict(lam=lam, lr=group["lr"], momentum=momentum, dampening=group["dampening"],
-                      weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                      maximize=group["maximize"], backend=self.backend)
-        if momentum == 0:
-            return [ops.sgd_step_(params, grads, [], theta_star, omega, init_buffers=False, **kwargs)]
+        config = ops.SGDConfig(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                               weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                               maximize=group["maximize"])
+        if config.momentum == 0:
+            return [ops.sgd_step_(params, grads, [], theta_star, omega, lam, config, backend=self.backend)]
         # torch.optim starts a buffer as a copy of the first gradient: one call for the
         # tensors with a buffer, one for those getting theirs now.
         values = []
@@ -151,7 +150,8 @@ class SGD(_MASOptimizer):
                 [params[i] for i in index], [grads[i] for i in index],
                 [self.state[params[i]]["momentum_buffer"] for i in index],
                 [theta_star[i] for i in index] if theta_star else [],
-                [omega[i] for i in index] if omega else [], init_buffers=init, **kwargs))
+                [omega[i] for i in index] if omega else [], lam, config, init_buffers=init,
+                backend=self.backend))
         return values
 
 
@@ -203,9 +203,10 @@ class Adam(_MASOptimizer):
         return [ops.adam_step_(
             params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states],
-            theta_star, omega, lam=lam, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
-            amsgrad=amsgrad, maximize=group["maximize"], backend=self.backend)]
+            theta_star, omega, lam, ops.AdamConfig(
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=amsgrad,
+                maximize=group["maximize"]), backend=self.backend)]
 
 
 class AdamW(Adam):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch.func import grad, vmap
 
+from mas_fast.ops import AdamConfig, SGDConfig
 from mas_fast.ops.policy import acc_dtype
 from tolerances import assert_close
 
@@ -344,10 +345,11 @@ def _sgd_inputs(draw, device, lim):
     params, grads, stars, omegas = draw(_step_tensors(device, lim))
     momentum = draw(st.sampled_from([0.0, 0.9]) | st.floats(0, 0.99))
     dampening = draw(st.sampled_from([0.0]) | st.floats(0, 0.9))
-    hyper = dict(lam=draw(_lams()), lr=draw(st.floats(1e-4, 1.0)), momentum=momentum, dampening=dampening,
-                 weight_decay=draw(st.sampled_from([0.0]) | st.floats(0, 0.1)),
-                 nesterov=momentum > 0 and dampening == 0 and draw(st.booleans()),
-                 maximize=draw(st.booleans()), init_buffers=momentum > 0 and draw(st.booleans()))
+    config = SGDConfig(lr=draw(st.floats(1e-4, 1.0)), momentum=momentum, dampening=dampening,
+                       weight_decay=draw(st.sampled_from([0.0]) | st.floats(0, 0.1)),
+                       nesterov=momentum > 0 and dampening == 0 and draw(st.booleans()),
+                       maximize=draw(st.booleans()))
+    hyper = dict(lam=draw(_lams()), config=config, init_buffers=momentum > 0 and draw(st.booleans()))
     bufs = [draw(tensors(p.shape, p.dtype, device, writable=True)) for p in params] if momentum else []
     return params, grads, bufs, stars, omegas, hyper
 
@@ -380,9 +382,10 @@ def _step_value(params, stars, omegas, lam) -> tuple[Tensor, torch.dtype]:
 
 def _sgd_brute(args) -> Expected:
     params, grads, bufs, stars, omegas, h = args
-    make = partial(torch.optim.SGD, lr=h["lr"], momentum=h["momentum"], dampening=h["dampening"],
-                   weight_decay=h["weight_decay"], nesterov=h["nesterov"], maximize=h["maximize"], foreach=False)
-    state = [{"momentum_buffer": _d(b).clone()} if h["momentum"] and not h["init_buffers"] else {}
+    c = h["config"]
+    make = partial(torch.optim.SGD, lr=c.lr, momentum=c.momentum, dampening=c.dampening,
+                   weight_decay=c.weight_decay, nesterov=c.nesterov, maximize=c.maximize, foreach=False)
+    state = [{"momentum_buffer": _d(b).clone()} if c.momentum and not h["init_buffers"] else {}
              for b in (bufs or params)]
     leaves, opt = _optim_oracle(params, grads, stars, omegas, h["lam"], make, state)
     new_bufs = [(opt.state[leaf]["momentum_buffer"].detach(), b.dtype) for leaf, b in zip(leaves, bufs)]
@@ -394,10 +397,11 @@ def _sgd_brute(args) -> Expected:
 def _adam_inputs(draw, device, lim):
     params, grads, stars, omegas = draw(_step_tensors(device, lim))
     amsgrad = draw(st.booleans())
-    hyper = dict(lam=draw(_lams()), lr=draw(st.floats(1e-4, 0.1)), beta1=draw(st.floats(0, 0.99)),
-                 beta2=draw(st.floats(0.5, 0.9999)), eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
-                 weight_decay=draw(st.sampled_from([0.0]) | st.floats(0, 0.1)),
-                 decoupled_weight_decay=draw(st.booleans()), amsgrad=amsgrad, maximize=draw(st.booleans()))
+    config = AdamConfig(lr=draw(st.floats(1e-4, 0.1)), beta1=draw(st.floats(0, 0.99)),
+                        beta2=draw(st.floats(0.5, 0.9999)), eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
+                        weight_decay=draw(st.sampled_from([0.0]) | st.floats(0, 0.1)),
+                        decoupled_weight_decay=draw(st.booleans()), amsgrad=amsgrad, maximize=draw(st.booleans()))
+    hyper = dict(lam=draw(_lams()), config=config)
     exp_avgs = [draw(tensors(p.shape, p.dtype, device, scale=0.1, writable=True)) for p in params]
     exp_avg_sqs = [draw(tensors(p.shape, p.dtype, device, kind="positive", scale=0.01, writable=True))
                    for p in params]
@@ -416,11 +420,12 @@ def _adam_run(fn, args) -> list[Tensor]:
 
 def _adam_brute(args) -> Expected:
     params, grads, exp_avgs, exp_avg_sqs, maxes, steps, stars, omegas, h = args
-    optimizer = torch.optim.AdamW if h["decoupled_weight_decay"] else torch.optim.Adam
-    make = partial(optimizer, lr=h["lr"], betas=(h["beta1"], h["beta2"]), eps=h["eps"],
-                   weight_decay=h["weight_decay"], amsgrad=h["amsgrad"], maximize=h["maximize"], foreach=False)
+    c = h["config"]
+    optimizer = torch.optim.AdamW if c.decoupled_weight_decay else torch.optim.Adam
+    make = partial(optimizer, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
+                   weight_decay=c.weight_decay, amsgrad=c.amsgrad, maximize=c.maximize, foreach=False)
     state = [{"step": s.detach().clone().cpu(), "exp_avg": _d(m).clone(), "exp_avg_sq": _d(v).clone(),
-              **({"max_exp_avg_sq": _d(maxes[i]).clone()} if h["amsgrad"] else {})}
+              **({"max_exp_avg_sq": _d(maxes[i]).clone()} if c.amsgrad else {})}
              for i, (s, m, v) in enumerate(zip(steps, exp_avgs, exp_avg_sqs))]
     leaves, opt = _optim_oracle(params, grads, stars, omegas, h["lam"], make, state)
     after = [opt.state[leaf] for leaf in leaves]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mas_fast import ops
-from mas_fast.ops import cpp, policy, reference
+from mas_fast.ops import AdamConfig, SGDConfig, cpp, policy, reference
 from tolerances import TOL, assert_close
 
 requires_ext = pytest.mark.skipif(cpp.unavailable_reason() is not None, reason=str(cpp.unavailable_reason()))
@@ -196,8 +196,8 @@ ADAM_OPTIONS = [
 
 
 def run_sgd(impl, params, grads, buffers, theta_star, omega, init, options):
-    return impl.sgd_step_(params, grads, buffers if options["momentum"] else [], theta_star, omega, lam=0.8,
-                          lr=0.05, init_buffers=init, **options)
+    return impl.sgd_step_(params, grads, buffers if options["momentum"] else [], theta_star, omega, 0.8,
+                          SGDConfig(lr=0.05, **options), init)
 
 
 @requires_ext
@@ -221,7 +221,7 @@ def test_sgd_step(dtype, options, penalised):
 def run_adam(impl, params, grads, state, steps, theta_star, omega, options):
     m, v, vmax = state
     return impl.adam_step_(params, grads, m, v, vmax if options["amsgrad"] else [], steps, theta_star, omega,
-                           lam=0.8, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, **options)
+                           0.8, AdamConfig(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, **options))
 
 
 @requires_ext

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import cuda_emulator
 from cuda_emulator.ops import EmulatedOps
-from mas_fast.ops import cuda, policy, reference
+from mas_fast.ops import AdamConfig, SGDConfig, cuda, policy, reference
 from multi_tensor_cases import CHUNK, MANY_SIZES, SIZES, terms
 from op_cases import CASES, NATIVE, check_outputs, input_dtypes, tensor_args
 from test_numerics import huge_penalty_inputs
@@ -188,7 +188,8 @@ def test_sgd_steps(emu, dtype, options, offset):
     for step in range(3):
         kwargs = dict(lam=0.8, lr=0.05, init_buffers=step == 0, **options)
         got_value = emu.sgd_step_(params, grads, bufs, *kernel_terms, **kwargs)
-        want_value = reference.sgd_step_(want, grads, want_bufs, *ref_terms, **kwargs)
+        want_value = reference.sgd_step_(want, grads, want_bufs, *ref_terms, 0.8, SGDConfig(lr=0.05, **options),
+                                         step == 0)
         assert_close(got_value, want_value, policy.acc_dtype(dtype), f"penalty at step {step}")
     for a, b in zip(params + bufs, want + want_bufs):
         assert_close(a, b, dtype)
@@ -211,7 +212,8 @@ def test_adam_steps(emu, dtype, options, offset):
         kernel_state = state if options["amsgrad"] else state[:2] + [[]]
         got_value = emu.adam_step_(params, grads, *kernel_state, *kernel_terms, step=float(step), **hyper)
         want_value = reference.adam_step_(want, grads, *want_state[:2], want_state[2] if options["amsgrad"] else [],
-                                          steps, *ref_terms, **hyper)
+                                          steps, *ref_terms, 0.8,
+                                          AdamConfig(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, **options))
         assert_close(got_value, want_value, policy.acc_dtype(dtype), f"penalty at step {step}")
     for a, b in zip(params + state[0] + state[1], want + want_state[0] + want_state[1]):
         assert_close(a, b, dtype)

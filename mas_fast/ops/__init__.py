@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import reference
+from .optim_config import AdamConfig, SGDConfig
 
 Tensor = torch.Tensor
 
@@ -181,32 +182,35 @@ def penalty_and_grad_(params: Sequence[Tensor], grads: Sequence[Tensor], theta_s
 
 
 def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
-              theta_star: Sequence[Tensor], omega: Sequence[Tensor], *, lam: float, lr: float,
-              momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
-              init_buffers: bool, backend: str = "auto") -> Tensor:
-    """torch.optim.SGD step on g + 2λΩ(θ−θ*) (plain where θ* is empty); returns the penalty."""
+              theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float, config: SGDConfig, *,
+              init_buffers: bool = False, backend: str = "auto") -> Tensor:
+    """torch.optim.SGD step on g + 2λΩ(θ−θ*) (plain where θ* is empty); returns the penalty.
+
+    momentum_buffers: one per parameter when config.momentum != 0 (else empty); with
+    `init_buffers` they hold no history yet and are set to the gradient (the first step).
+    """
     impl = select("sgd_step_", backend, _flat(params, grads, momentum_buffers, theta_star, omega))
-    return impl.sgd_step_(params, grads, momentum_buffers, theta_star, omega, lam=lam, lr=lr,
-                          momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                          nesterov=nesterov, maximize=maximize, init_buffers=init_buffers)
+    return impl.sgd_step_(params, grads, momentum_buffers, theta_star, omega, lam, config, init_buffers)
 
 
 def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
-               theta_star: Sequence[Tensor], omega: Sequence[Tensor], *, lam: float, lr: float, beta1: float,
-               beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool,
-               maximize: bool, backend: str = "auto") -> Tensor:
-    """torch.optim.Adam(W) step on g + 2λΩ(θ−θ*) (plain where θ* is empty); returns the penalty."""
+               theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float, config: AdamConfig, *,
+               backend: str = "auto") -> Tensor:
+    """torch.optim.Adam(W) step on g + 2λΩ(θ−θ*) (plain where θ* is empty); returns the penalty.
+
+    `steps` are torch.optim's per-parameter step counters (incremented first); max_exp_avg_sqs
+    is empty without config.amsgrad.
+    """
     impl = select("adam_step_", backend,
                   _flat(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, theta_star, omega))
     return impl.adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star, omega,
-                           lam=lam, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                           decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize)
+                           lam, config)
 
 
 __all__ = [
     "BACKENDS", "PRIORITY", "BackendUnavailable", "backend_status", "check_backend", "select",
     "abs_matmul", "per_sample_abs_matmul", "per_sample_abs_sum", "conv_abs_grad",
     "embedding_abs_grad", "running_mean_update_", "merge_", "penalty", "penalty_and_grad_",
-    "sgd_step_", "adam_step_", "reference",
+    "sgd_step_", "adam_step_", "SGDConfig", "AdamConfig", "reference",
 ]

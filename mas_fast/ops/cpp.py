@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import reference
+from .optim_config import AdamConfig, SGDConfig
 
 Tensor = torch.Tensor
 
@@ -92,29 +93,29 @@ def running_mean_update_(means: Sequence[Tensor], comps: Sequence[Tensor], batch
 
 
 def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
-              theta_star: Sequence[Tensor], omega: Sequence[Tensor], *, lam: float, lr: float,
-              momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+              theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float, config: SGDConfig,
               init_buffers: bool) -> Tensor:
-    """Fused SGD + MAS step (see reference.sgd_step_)."""
+    """Fused SGD + MAS step (see mas_fast.ops.sgd_step_)."""
     if not params:
         return torch.zeros(())
+    c = config
     with torch.no_grad():
         return torch.ops.mas_fast.sgd_step_(
             list(params), list(grads), list(momentum_buffers), list(theta_star), list(omega),
-            float(lam), float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
-            bool(maximize), bool(init_buffers))
+            float(lam), float(c.lr), float(c.momentum), float(c.dampening), float(c.weight_decay),
+            bool(c.nesterov), bool(c.maximize), bool(init_buffers))
 
 
 def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
-               theta_star: Sequence[Tensor], omega: Sequence[Tensor], *, lam: float, lr: float, beta1: float,
-               beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool,
-               maximize: bool) -> Tensor:
-    """Fused Adam(W) + MAS step (see reference.adam_step_)."""
+               theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float, config: AdamConfig) -> Tensor:
+    """Fused Adam(W) + MAS step (see mas_fast.ops.adam_step_)."""
     if not params:
         return torch.zeros(())
+    c = config
     with torch.no_grad():
         return torch.ops.mas_fast.adam_step_(
             list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs),
-            list(steps), list(theta_star), list(omega), float(lam), float(lr), float(beta1), float(beta2),
-            float(eps), float(weight_decay), bool(decoupled_weight_decay), bool(amsgrad), bool(maximize))
+            list(steps), list(theta_star), list(omega), float(lam), float(c.lr), float(c.beta1),
+            float(c.beta2), float(c.eps), float(c.weight_decay), bool(c.decoupled_weight_decay),
+            bool(c.amsgrad), bool(c.maximize))

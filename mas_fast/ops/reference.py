@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .optim_config import AdamConfig, SGDConfig
 from .policy import acc_dtype, samples_per_chunk
 
 Tensor = torch.Tensor
@@ -211,14 +212,12 @@ def _penalised_grads(params: Sequence[Tensor], grads: Sequence[Tensor], theta_st
 
 
 def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
-              theta_star: Sequence[Tensor], omega: Sequence[Tensor], *, lam: float, lr: float,
-              momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+              theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float, config: SGDConfig,
               init_buffers: bool) -> Tensor:
-    """torch.optim.SGD step with the MAS penalty folded in, in place on params and buffers.
-
-    momentum_buffers: one per parameter when momentum != 0 (else empty); with
-    `init_buffers` they hold no history yet and are set to the gradient (the first step).
-    """
+    """torch.optim.SGD step with the MAS penalty folded in, in place on params and buffers
+    (see mas_fast.ops.sgd_step_)."""
+    lr, momentum, dampening = config.lr, config.momentum, config.dampening
+    weight_decay, nesterov, maximize = config.weight_decay, config.nesterov, config.maximize
     with torch.no_grad():
         value, pvs, gs = _penalised_grads(params, grads, theta_star, omega, lam)
         for i, (p, pv, g) in enumerate(zip(params, pvs, gs)):
@@ -237,14 +236,12 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
 
 def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
-               theta_star: Sequence[Tensor], omega: Sequence[Tensor], *, lam: float, lr: float, beta1: float,
-               beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool,
-               maximize: bool) -> Tensor:
-    """torch.optim.Adam (AdamW: decoupled_weight_decay) step with the MAS penalty folded in.
-
-    In place on params and the state; `steps` are torch.optim's per-parameter step counters
-    (one-element tensors, incremented first); max_exp_avg_sqs is empty without amsgrad.
-    """
+               theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float, config: AdamConfig) -> Tensor:
+    """torch.optim.Adam (AdamW: decoupled_weight_decay) step with the MAS penalty folded in, in
+    place on params and the state (see mas_fast.ops.adam_step_)."""
+    lr, beta1, beta2, eps = config.lr, config.beta1, config.beta2, config.eps
+    weight_decay, decoupled_weight_decay = config.weight_decay, config.decoupled_weight_decay
+    amsgrad, maximize = config.amsgrad, config.maximize
     with torch.no_grad():
         value, pvs, gs = _penalised_grads(params, grads, theta_star, omega, lam)
         for i, (p, pv, g) in enumerate(zip(params, pvs, gs)):

@@ -5,6 +5,7 @@ and the penalty's autograd backward through the penalty_grad kernel."""
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import asdict
 from typing import Optional, Sequence
 
 import torch
@@ -91,18 +92,19 @@ class EmulatedOps:
             return [None] * len(params), [None] * len(params)
         return _contiguous(theta_star), _contiguous(omega)
 
-    def sgd_step_(self, params, grads, momentum_buffers, theta_star, omega, **hyper) -> Tensor:
+    def sgd_step_(self, params, grads, momentum_buffers, theta_star, omega, lam, config, init_buffers) -> Tensor:
         if not params:
             return torch.zeros((), dtype=torch.float32)
         _one_dtype(params)
         p, bufs = _contiguous(params), _contiguous(momentum_buffers)
-        value = self.emu.sgd_step_(p, _contiguous(grads), bufs, *self._terms(params, theta_star, omega), **hyper)
+        value = self.emu.sgd_step_(p, _contiguous(grads), bufs, *self._terms(params, theta_star, omega), lam=lam,
+                                   init_buffers=init_buffers, **asdict(config))
         _write_back(params, p)
         _write_back(momentum_buffers, bufs)
         return _value(value, omega)
 
-    def adam_step_(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star, omega, *,
-                   amsgrad: bool, **hyper) -> Tensor:
+    def adam_step_(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star, omega,
+                   lam, config) -> Tensor:
         if not params:
             return torch.zeros((), dtype=torch.float32)
         _one_dtype(params)
@@ -115,10 +117,10 @@ class EmulatedOps:
         total = torch.zeros((), dtype=torch.float64)
         for step, index in groups.items():
             pick = lambda ts: [ts[i] for i in index]  # noqa: E731
-            lists = [pick(params), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else []]
+            lists = [pick(params), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if config.amsgrad else []]
             copies = [_contiguous(ts) for ts in lists]
             total += self.emu.adam_step_(copies[0], _contiguous(pick(grads)), *copies[1:], pick(stars), pick(omegas),
-                                         step=step, amsgrad=amsgrad, **hyper)
+                                         step=step, lam=lam, **asdict(config))
             for targets, c in zip(lists, copies):
                 _write_back(targets, c)
         return _value(total, omega)
