@@ -9,8 +9,9 @@ Backends are modules with the same op functions as `reference.py` plus:
   Triton interpreter runs CPU tensors when asked explicitly, but is never a fast choice.
 
 "auto" takes the first backend in `PRIORITY` that implements the op, is auto-eligible for
-the tensors' device and has no reasons (like xformers' dispatch). An explicit backend runs every op it implements and raises
-with all the reasons when it cannot; ops it does not implement run on the reference.
+the tensors' device and has no reasons (like xformers' dispatch). An explicit backend runs
+every op it implements and raises with all the reasons when it cannot; ops it does not
+implement run on the reference.
 Every backend's `penalty` must be differentiable w.r.t. the parameters.
 """
 from __future__ import annotations
@@ -152,11 +153,11 @@ def embedding_abs_grad(indices: Tensor, delta: Tensor, num_embeddings: int,
 # --------------------------------------------------------------------------- state ops
 
 
-def running_mean_update_(means: Sequence[Tensor], comps: Sequence[Tensor], batch_sums: Sequence[Tensor],
-                         count: int, batch_count: int, *, backend: str = "auto") -> None:
+def running_mean_update_(means: Sequence[Tensor], compensations: Sequence[Tensor],
+                         batch_sums: Sequence[Tensor], count: int, batch_count: int, *, backend: str = "auto") -> None:
     """Fold batch sums into Kahan-compensated running means. See reference."""
-    impl = select("running_mean_update_", backend, _flat(means, comps, batch_sums))
-    impl.running_mean_update_(means, comps, batch_sums, count, batch_count)
+    impl = select("running_mean_update_", backend, _flat(means, compensations, batch_sums))
+    impl.running_mean_update_(means, compensations, batch_sums, count, batch_count)
 
 
 def merge_(dst: Sequence[Tensor], src: Sequence[Tensor], a: float, b: float, *,

@@ -130,19 +130,19 @@ def embedding_abs_grad(
 
 def running_mean_update_(
     means: Sequence[Tensor],
-    comps: Sequence[Tensor],
+    compensations: Sequence[Tensor],
     batch_sums: Sequence[Tensor],
     count: int,
     batch_count: int,
 ) -> None:
     """Fold a batch sum S (over `batch_count` samples) into a running mean of `count` samples.
 
-    mean ← mean + (S − n_b·mean)/(N + n_b), added with Kahan compensation (`comps` holds
+    mean ← mean + (S − n_b·mean)/(N + n_b), added with Kahan compensation (`compensations` holds
     the lost low-order bits), so that streaming 10⁷ samples stays at float32 round-off
     instead of drifting with the number of updates.
     """
     total = count + batch_count
-    for m, c, s in zip(means, comps, batch_sums):
+    for m, c, s in zip(means, compensations, batch_sums):
         delta = (s.to(m.dtype) - batch_count * m) / total
         y = delta - c
         t = m + y

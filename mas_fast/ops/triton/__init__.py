@@ -148,12 +148,13 @@ def conv_abs_grad(delta: Tensor, x: Tensor, weight_shape: Sequence[int], stride:
 # --------------------------------------------------------------------------- state ops
 
 
-def running_mean_update_(means: Sequence[Tensor], comps: Sequence[Tensor], batch_sums: Sequence[Tensor],
-                         count: int, batch_count: int) -> None:
+def running_mean_update_(means: Sequence[Tensor], compensations: Sequence[Tensor],
+                         batch_sums: Sequence[Tensor], count: int, batch_count: int) -> None:
     """Kahan-compensated running means (multi-tensor). See reference.running_mean_update_."""
-    if _check_lists(means=means, comps=comps, batch_sums=batch_sums):
-        _check_fp32(means=means, comps=comps)
-        _lib.running_mean_update_(list(means), list(comps), list(batch_sums), int(count), int(batch_count))
+    if _check_lists(means=means, compensations=compensations, batch_sums=batch_sums):
+        _check_fp32(means=means, compensations=compensations)
+        _lib.running_mean_update_(list(means), list(compensations), list(batch_sums), int(count),
+                                  int(batch_count))
 
 
 def merge_(dst: Sequence[Tensor], src: Sequence[Tensor], a: float, b: float) -> None:

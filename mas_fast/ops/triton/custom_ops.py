@@ -61,10 +61,10 @@ def _(delta, scale):
     return _fp32(delta.shape[2], like=delta)
 
 
-@custom_op(f"{NS}::running_mean_update_", mutates_args=("means", "comps"))
-def running_mean_update_(means: list[Tensor], comps: list[Tensor], batch_sums: list[Tensor],
+@custom_op(f"{NS}::running_mean_update_", mutates_args=("means", "compensations"))
+def running_mean_update_(means: list[Tensor], compensations: list[Tensor], batch_sums: list[Tensor],
                          count: int, batch_count: int) -> None:
-    multi_tensor.running_mean_update_(means, comps, batch_sums, count, batch_count)
+    multi_tensor.running_mean_update_(means, compensations, batch_sums, count, batch_count)
 
 
 @custom_op(f"{NS}::merge_", mutates_args=("dst",))

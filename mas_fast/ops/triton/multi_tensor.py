@@ -101,20 +101,20 @@ def _merge_kernel(addrs, numels, chunk_tensor, chunk_start, n_tensors, a, b,
 @triton.jit
 def _running_mean_kernel(addrs, numels, chunk_tensor, chunk_start, n_tensors, batch_count, total,
                          S_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Rows: mean, comp (fp32), batch sum. Kahan-compensated mean ← mean + (S − n_b·mean)/N."""
+    """Rows: mean, compensation (fp32), batch sum. Kahan-compensated mean ← mean + (S − n_b·mean)/N."""
     index, start, end = _chunk(numels, chunk_tensor, chunk_start, CHUNK)
     mean = _ptr(addrs, n_tensors, 0, index, tl.float32)
-    comp = _ptr(addrs, n_tensors, 1, index, tl.float32)
+    compensation = _ptr(addrs, n_tensors, 1, index, tl.float32)
     sums = _ptr(addrs, n_tensors, 2, index, S_DTYPE)
     for o in range(start, end, BLOCK):
         offs = o + tl.arange(0, BLOCK)
         mask = offs < end
         m = tl.load(mean + offs, mask=mask)
-        c = tl.load(comp + offs, mask=mask)
+        c = tl.load(compensation + offs, mask=mask)
         s = tl.load(sums + offs, mask=mask).to(tl.float32)
         y = (s - batch_count * m) / total - c
         t = m + y
-        tl.store(comp + offs, (t - m) - y, mask=mask)
+        tl.store(compensation + offs, (t - m) - y, mask=mask)
         tl.store(mean + offs, t, mask=mask)
 
 
@@ -223,10 +223,10 @@ def merge_(dst: Sequence[Tensor], src: Sequence[Tensor], a: float, b: float) -> 
     work.finish()
 
 
-def running_mean_update_(means: Sequence[Tensor], comps: Sequence[Tensor], batch_sums: Sequence[Tensor],
-                         count: int, batch_count: int) -> None:
+def running_mean_update_(means: Sequence[Tensor], compensations: Sequence[Tensor],
+                         batch_sums: Sequence[Tensor], count: int, batch_count: int) -> None:
     """Kahan-compensated running means, as reference.running_mean_update_."""
-    work = _Contiguous([means, comps, batch_sums], mutated=(0, 1))
+    work = _Contiguous([means, compensations, batch_sums], mutated=(0, 1))
     for l in _launches(work.groups):
         _running_mean_kernel[(l.n_chunks,)](*l.args(), float(batch_count), float(count + batch_count),
                                             S_DTYPE=_TL_DTYPE[l.dtypes[2]], CHUNK=CHUNK,
