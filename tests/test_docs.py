@@ -1,5 +1,9 @@
-"""The README and docs/: short README, the two commands first, links that resolve inside the repository."""
+"""The README and docs/: short README, the two commands first, links that resolve inside the
+repository, and the integration examples run as written (slow)."""
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +108,26 @@ def test_slug_matches_github_anchors():
     assert _slug("GPU benchmarks") == "gpu-benchmarks"
     assert _slug("The C++ extension (`cpp`)") == "the-c-extension-cpp"
     assert _slug("How λ is chosen") == "how-λ-is-chosen"
+
+
+def _python_examples(page: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M)
+
+
+_EXAMPLES = _python_examples(DOCS / "integrations.md")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("code", _EXAMPLES, ids=[f"integrations-{i}" for i in range(len(_EXAMPLES))])
+def test_integration_examples_run(code, tmp_path):
+    """Every Python example of docs/integrations.md runs as written (DDP under torchrun, 2 ranks)."""
+    for library in ("avalanche", "lightning"):
+        if f"from {library}" in code or f"import {library}" in code:
+            pytest.importorskip(library)
+    script = tmp_path / "example.py"
+    script.write_text(code, encoding="utf-8")
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2"] if "init_process_group" in code else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, *launcher, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
