@@ -10,7 +10,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Hypothesis profiles (see README "Reliability"). "ci" (the default) is derandomized: every
+# Hypothesis profiles (see docs/reliability.md). "ci" (the default) is derandomized: every
 # run draws the same examples, so a CI failure replays exactly on any machine (and prints a
 # @reproduce_failure blob). Hypothesis ignores any database under derandomize, so the
 # checked-in database tests/.hypothesis-db is used by "thorough" (random, >= 1000 cases per

@@ -1,4 +1,4 @@
-"""The bad-input catalogue of README "Reliability": one test per row, in the table's order.
+"""The bad-input catalogue of docs/reliability.md: one test per row, in the table's order.
 
 A rejected call raises a clear error naming the problem and leaves the MAS state (Ω, θ*,
 the running task Ω, its compensation and count, the task counter, the configuration)

@@ -2,8 +2,8 @@
 
 The λ values come from `python -m mas_fast demo --search-lambda [--preset P]`: a grid search
 on the validation digits with seed SEARCH_SEED (never one of the reported seeds), choosing
-per (scenario, method) the λ with the best final average accuracy. See the README section
-"Continual-learning results" for the grid and the search's output.
+per (scenario, method) the λ with the best final average accuracy. See docs/continual-learning.md
+for the grid and the search's output.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ PRESETS = {
     "default": Config(
         name="default", hidden=(400, 400), epochs=2, batch_size=128, lr=1e-3,
         split_tasks=5, permuted_tasks=5, seeds=(0, 1, 2),
-        lambdas={  # `--search-lambda` (README: Continual-learning results); 10 ** 0.5 = 3.16
+        lambdas={  # `--search-lambda` (docs/continual-learning.md); 10 ** 0.5 = 3.16
             "split-task": {"mas_per_sample": 1.0, "mas_batch": 1.0, "mas_local": 0.1, "ewc_online": 10 ** 3.5},
             "split-domain": {"mas_per_sample": 10 ** 0.5, "mas_batch": 10 ** 0.5, "mas_local": 1.0,
                              "ewc_online": 10 ** 4.5},
