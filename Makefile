@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_SPEC ?= torch==2.14.1
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export CUDA_HOME ?= /usr/local/cuda
 STAMP := $(VENV)/.mas_fast-installed
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
@@ -12,7 +12,7 @@ SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.c
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" ninja setuptools wheel
+	$(PY) -m pip install -q $(TORCH_SPEC) ninja setuptools wheel
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo]"
 	touch $(STAMP)
 
