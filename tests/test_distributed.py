@@ -133,28 +133,31 @@ class BrokenLoader:
 
 
 def refused_cases(rank):
-    """Per case, (model, MAS options, loader) on this rank: rank 1 differs from rank 0 or fails.
-    Linear(4, 6) and Linear(5, 5) have the same element count (30)."""
+    """Per case, (model, MAS options, loader, tasks consolidated before) on this rank: rank 1
+    differs from rank 0 or fails. Linear(4, 6) and Linear(5, 5) have the same element count."""
     x = torch.randn(3, 4)
     nan = x.clone()
     nan[1, 2] = float("nan")
     return {
-        "shapes": (nn.Linear(4, 6), {}, [x]) if rank == 0 else (nn.Linear(5, 5), {}, [torch.randn(3, 5)]),
-        "dtypes": (nn.Linear(4, 6), {}, [x]) if rank == 0 else (nn.Linear(4, 6).double(), {}, [x.double()]),
-        "mode": (nn.Linear(4, 6), {"mode": "per_sample" if rank == 0 else "batch"}, [x]),
-        "raises": (nn.Linear(4, 6), {}, [x] if rank == 0 else BrokenLoader(x)),
-        "nonfinite": (nn.Linear(4, 6), {}, [x] if rank == 0 else [x, nan]),
+        "shapes": (nn.Linear(4, 6), {}, [x], 1) if rank == 0 else (nn.Linear(5, 5), {}, [torch.randn(3, 5)], 1),
+        "dtypes": (nn.Linear(4, 6), {}, [x], 1) if rank == 0 else (nn.Linear(4, 6).double(), {}, [x.double()], 1),
+        "names": (nn.Linear(4, 6) if rank == 0 else nn.Sequential(nn.Linear(4, 6)), {}, [x], 1),
+        "mode": (nn.Linear(4, 6), {"mode": "per_sample" if rank == 0 else "batch"}, [x], 1),
+        "tasks": (nn.Linear(4, 6), {}, [x], 1 + rank),  # e.g. a rank resumed from another checkpoint
+        "raises": (nn.Linear(4, 6), {}, [x] if rank == 0 else BrokenLoader(x), 1),
+        "nonfinite": (nn.Linear(4, 6), {}, [x] if rank == 0 else [x, nan], 1),
     }
 
 
 def refusals(rank):
-    """Each refused case on this rank: the error's type and message, and whether the state (one
-    consolidated task, a second in progress) is bit-for-bit unchanged."""
+    """Each refused case on this rank: the error's type and message, and whether the state
+    (consolidated tasks, another in progress) is bit-for-bit unchanged."""
     out = {}
-    for case, (model, options, loader) in refused_cases(rank).items():
+    for case, (model, options, loader, tasks) in refused_cases(rank).items():
         batch = next(iter(loader))
-        local = MAS(model, sync=False, **options)  # a consolidated task, made without communication
-        local.consolidate([batch], progress=False)
+        local = MAS(model, sync=False, **options)  # consolidated tasks, made without communication
+        for _ in range(tasks):
+            local.consolidate([batch], progress=False)
         mas = MAS(model, **options)
         mas.load_state_dict(local.state_dict())
         mas.accumulate(batch)
@@ -269,13 +272,7 @@ def test_sharded_parameters_are_refused_clearly(ranks, kind):
     assert "sharded parameters" in message and "DistributedDataParallel" in message
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("shapes", "ranks disagree on parameter 'bias': rank 0: shape (6,), torch.float32; "
-               "rank 1: shape (5,), torch.float32"),  # names in sorted order: bias first
-    ("dtypes", "ranks disagree on parameter 'bias': rank 0: shape (6,), torch.float32; "
-               "rank 1: shape (6,), torch.float64"),
-    ("mode", "ranks disagree on mode: rank 0: 'per_sample'; rank 1: 'batch'")])
-def test_ranks_that_disagree_all_raise_the_same_error_and_change_nothing(ranks, case, expected):
+def assert_same_refusal_on_every_rank(ranks, case, expected):
     a, b = (rank["refused"][case] for rank in ranks)
     assert a["error"] == b["error"] == "ValueError", (a, b)
     assert a["message"] == b["message"]
@@ -283,9 +280,27 @@ def test_ranks_that_disagree_all_raise_the_same_error_and_change_nothing(ranks, 
     assert a["unchanged"] and b["unchanged"]
 
 
+@pytest.mark.parametrize("case,expected", [
+    ("shapes", "ranks disagree on parameter 'bias': rank 0: shape (6,), torch.float32; "
+               "rank 1: shape (5,), torch.float32"),  # names in sorted order: bias first
+    ("dtypes", "ranks disagree on parameter 'bias': rank 0: shape (6,), torch.float32; "
+               "rank 1: shape (6,), torch.float64"),
+    ("names", "ranks disagree on the parameter list: rank 0: parameter 'bias' (shape (6,), torch.float32); "
+              "rank 1: parameter '0.bias' (shape (6,), torch.float32)")])
+def test_d1_ranks_with_different_parameters_all_raise_the_same_error_and_change_nothing(ranks, case, expected):
+    assert_same_refusal_on_every_rank(ranks, case, expected)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("mode", "ranks disagree on mode: rank 0: 'per_sample'; rank 1: 'batch'"),
+    ("tasks", "ranks disagree on consolidated tasks: rank 0: 1; rank 1: 2")])
+def test_d2_ranks_with_a_different_configuration_all_raise_the_same_error_and_change_nothing(ranks, case, expected):
+    assert_same_refusal_on_every_rank(ranks, case, expected)
+
+
 @pytest.mark.parametrize("case,own_error,own_message", [
     ("raises", "RuntimeError", "rank 1's loader broke"), ("nonfinite", "NonFiniteError", "NaN or Inf")])
-def test_a_failing_rank_makes_every_rank_raise_and_nothing_change(ranks, case, own_error, own_message):
+def test_d3_a_failing_rank_makes_every_rank_raise_and_nothing_change(ranks, case, own_error, own_message):
     other, failing = (rank["refused"][case] for rank in ranks)
     assert failing["error"] == own_error and own_message in failing["message"], failing
     assert other["error"] == RankFailedError.__name__, other
