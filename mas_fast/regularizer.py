@@ -150,9 +150,9 @@ class _TaskImportance:
         return other
 
     def add(self, sums: dict[str, Tensor], n: int, backend: str) -> None:
-        if self.exported:
-            self.mean = {k: t.clone() for k, t in self.mean.items()}
-            self.compensation = {k: t.clone() for k, t in self.compensation.items()}
+        if self.exported:  # the snapshot holds its own dicts: replace the tensors in ours
+            for group in (self.mean, self.compensation):
+                group.update({k: t.clone() for k, t in group.items()})
             self.exported = False
         new = {k: (torch.zeros_like(s), torch.zeros_like(s)) for k, s in sums.items() if k not in self.mean}
         names = list(sums)

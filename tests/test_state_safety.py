@@ -98,9 +98,12 @@ def test_t4_compiled_model_state_has_no_orig_mod_prefix_and_prefixed_names_load(
 
 def test_t5_a_state_dict_snapshot_does_not_change_after_later_calls():
     mas, model, x = trained()
+    view = mas.task_importance
     state = mas.state_dict()
     kept = copy.deepcopy(state)
     mas.accumulate(x[:4])
+    assert all(view[n] is t for n, t in mas.task_importance.items())  # the live view stays live
+    assert not torch.equal(view["net.0.weight"], state["task_mean"]["net.0.weight"])
     mas.consolidate([x[4:]], progress=False)
     mas.accumulate(x[:2])
     for key, value in kept.items():
