@@ -106,19 +106,30 @@ def union_mean(contribute: Callable[[], Contribution]) -> tuple[dict[str, Tensor
     """
     try:
         mine = contribute()
+        shapes = {n: t.shape for n, t in mine.sums.items()}
+        flats = _flat_by_dtype(mine.sums)  # before agreeing: a failure here is reported too
     except Exception as exc:
         _agree({"error": f"{type(exc).__name__}: {exc}"}, count=0)
         raise
-    total = _agree({"signature": mine.signature}, mine.count)
-    names = sorted(mine.sums)  # the same order on every rank: the signatures agree
-    sums = dict(mine.sums)
-    for dtype in sorted({t.dtype for t in sums.values()}, key=str):  # one all-reduce per dtype
-        group = [n for n in names if sums[n].dtype == dtype]
-        flat = torch.cat([sums[n].reshape(-1) for n in group])
+    signature, count = mine.signature, mine.count
+    del mine  # the flat buffers hold the sums now
+    total = _agree({"signature": signature}, count)
+    means: dict[str, Tensor] = {}
+    for names, flat in flats:  # the same names and order on every rank: the signatures agree
         dist.all_reduce(flat)
-        for n, piece in zip(group, flat.split([sums[n].numel() for n in group])):
-            sums[n] = piece.view(sums[n].shape) / max(total, 1)
-    return sums, total
+        flat /= max(total, 1)
+        for n, piece in zip(names, flat.split([shapes[n].numel() for n in names])):
+            means[n] = piece.view(shapes[n])
+    return {n: means[n] for n in shapes}, total
+
+
+def _flat_by_dtype(tensors: Mapping[str, Tensor]) -> list[tuple[list[str], Tensor]]:
+    """One flat buffer per dtype, dtypes and names in sorted order: (names, concatenation)."""
+    flats = []
+    for dtype in sorted({t.dtype for t in tensors.values()}, key=str):
+        names = sorted(n for n, t in tensors.items() if t.dtype == dtype)
+        flats.append((names, torch.cat([tensors[n].reshape(-1) for n in names])))
+    return flats
 
 
 def _agree(report: dict[str, Any], count: int) -> int:
