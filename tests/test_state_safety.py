@@ -97,7 +97,7 @@ def test_t4_compiled_model_state_has_no_orig_mod_prefix_and_prefixed_names_load(
 
 
 def test_t5_a_state_dict_snapshot_does_not_change_after_later_calls():
-    mas, model, x = trained()
+    mas, _, x = trained()
     view = mas.task_importance
     state = mas.state_dict()
     kept = copy.deepcopy(state)
