@@ -7,9 +7,13 @@ Every public method validates first and mutates last, so a failure leaves the st
 """
 from __future__ import annotations
 
+import copy
 import math
+import threading
+import weakref
+from contextlib import contextmanager
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -21,14 +25,24 @@ from .ops.policy import acc_dtype
 
 Tensor = torch.Tensor
 MERGES = ("sum", "alpha")
-STATE_FORMAT = "mas_fast.MAS/1"
+STATE_FORMAT = "mas_fast.MAS/2"
+# Per-parameter tensor groups of a state_dict: consolidated Ω and θ*, the running task's Ω
+# and its Kahan compensation.
+STATE_GROUPS = ("omega", "theta_star", "task_mean", "task_compensation")
+# Format 1 differs only in one key's name.
+_FORMAT_1 = ("mas_fast.MAS/1", {"task_comp": "task_compensation"})
+# Wrappers whose parameter names carry a prefix: DDP / DataParallel (`module.`) and
+# torch.compile's OptimizedModule (`_orig_mod.`).
+_WRAPPERS = {"DistributedDataParallel": "module", "DataParallel": "module", "OptimizedModule": "_orig_mod"}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel (names without `module.`)."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) and type(model).__name__ in (
-        "DistributedDataParallel", "DataParallel") else model
+    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers, at
+    any depth (names without `module.` or `_orig_mod.`)."""
+    while type(model).__name__ in _WRAPPERS and isinstance(getattr(model, _WRAPPERS[type(model).__name__], None),
+                                                          nn.Module):
+        model = getattr(model, _WRAPPERS[type(model).__name__])
+    return model
 
 
 def check_lambda(lambda_: float) -> None:
@@ -73,7 +87,7 @@ def _corrupt_values(state: Mapping[str, Any]) -> list[str]:
     """Values no MAS produces: negative counts, non-finite tensors, negative importance."""
     problems = [f"{k} = {state[k]!r} is not a count >= 0" for k in ("task_count", "num_tasks")
                 if isinstance(state[k], bool) or not isinstance(state[k], int) or state[k] < 0]
-    for group in ("omega", "theta_star", "task_mean", "task_comp"):
+    for group in STATE_GROUPS:
         for n, t in state[group].items():
             if not bool(torch.isfinite(t).all()):
                 problems.append(f"{group}[{n}] is not finite")
@@ -97,38 +111,79 @@ def batch_input(batch: Any) -> Any:
     return batch
 
 
-def _as_model_names(stored: Mapping[str, Tensor], named: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Stored names as the model spells them: a DDP/DataParallel `module.` prefix is dropped
-    where only the name without it exists in the model."""
-    prefix = "module."
-    return {n[len(prefix):] if n not in named and n.startswith(prefix) and n[len(prefix):] in named else n: t
-            for n, t in stored.items()}
+def _as_model_name(name: str, named: Mapping[str, Tensor]) -> str:
+    """A stored name as the model spells it: wrapper prefixes (`module.`, `_orig_mod.`, in any
+    nesting) are dropped when only the name without them exists in the model."""
+    bare = name
+    while bare not in named and bare.startswith(tuple(f"{p}." for p in set(_WRAPPERS.values()))):
+        bare = bare.split(".", 1)[1]
+    return bare if bare in named else name
+
+
+def _upgraded(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A format-1 state with its keys renamed to the current format's (others unchanged)."""
+    old_format, renames = _FORMAT_1
+    if not isinstance(state, Mapping) or state.get("format") != old_format:
+        return state
+    return {**{renames.get(k, k): v for k, v in state.items()}, "format": STATE_FORMAT}
 
 
 class _TaskImportance:
-    """Running mean of Σ|g| per sample for the current task, with Kahan compensation."""
+    """Running mean of Σ|g| per sample for the current task, with Kahan compensation.
+
+    `exported` marks tensors handed out by `MAS.state_dict()`: the next update works on
+    copies (copy on write), so a snapshot never changes and one that is never followed by an
+    update costs nothing.
+    """
 
     def __init__(self) -> None:
         self.mean: dict[str, Tensor] = {}
-        self.comp: dict[str, Tensor] = {}
+        self.compensation: dict[str, Tensor] = {}
         self.count = 0
+        self.exported = False
 
     def copy(self) -> "_TaskImportance":
         other = _TaskImportance()
         other.mean = {n: t.clone() for n, t in self.mean.items()}
-        other.comp = {n: t.clone() for n, t in self.comp.items()}
+        other.compensation = {n: t.clone() for n, t in self.compensation.items()}
         other.count = self.count
         return other
 
     def add(self, sums: dict[str, Tensor], n: int, backend: str) -> None:
+        if self.exported:  # the snapshot holds its own dicts: replace the tensors in ours
+            for group in (self.mean, self.compensation):
+                group.update({k: t.clone() for k, t in group.items()})
+            self.exported = False
         new = {k: (torch.zeros_like(s), torch.zeros_like(s)) for k, s in sums.items() if k not in self.mean}
         names = list(sums)
         means = [self.mean[k] if k in self.mean else new[k][0] for k in names]
-        comps = [self.comp[k] if k in self.comp else new[k][1] for k in names]
-        ops.running_mean_update_(means, comps, [sums[k] for k in names], self.count, n, backend=backend)
+        compensations = [self.compensation[k] if k in self.compensation else new[k][1] for k in names]
+        ops.running_mean_update_(means, compensations, [sums[k] for k in names], self.count, n, backend=backend)
         for k, (m, c) in new.items():  # entries join only once the update succeeded
-            self.mean[k], self.comp[k] = m, c
+            self.mean[k], self.compensation[k] = m, c
         self.count += n
+
+
+# Models with an importance pass running (hooks installed, eval mode): a second concurrent
+# pass on the same model, from another thread, would corrupt both.
+_models_in_a_pass: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_models_lock = threading.Lock()
+
+
+@contextmanager
+def _exclusive_pass(model: nn.Module) -> Iterator[None]:
+    """Marks `model` as in an importance pass; RuntimeError if another pass holds it."""
+    with _models_lock:
+        if model in _models_in_a_pass:
+            raise RuntimeError(
+                "another importance pass is running on this model (in another thread): MAS is not "
+                "thread-safe; run the importance passes on one model one at a time")
+        _models_in_a_pass.add(model)
+    try:
+        yield
+    finally:
+        with _models_lock:
+            _models_in_a_pass.discard(model)
 
 
 class MAS:
@@ -151,14 +206,21 @@ class MAS:
         backend: "auto" | "reference" | "cpp" | "triton" | "cuda" (see mas_fast.ops).
         sync: under torch.distributed (initialized, more than one rank), `consolidate()`
             all-reduces the task's importance sums and sample counts, so every rank holds the
-            Ω of the union of all ranks' data; every rank must then call `consolidate()`.
-            False keeps importance rank-local. Sharded parameters (FSDP, DTensor) raise a
+            Ω of the union of all ranks' data; every rank must then call `consolidate()`, and
+            the ranks first check that they agree (see `consolidate`). False keeps importance
+            rank-local and communicates nothing. Sharded parameters (FSDP, DTensor) raise a
             TypeError (see mas_fast.distributed).
 
     Importance passes run in eval mode (each module's mode restored), never touch
     `p.grad` and cover the parameters with `requires_grad=True`. Parameters added later
     (a new head) have zero importance. Ω and θ* are float32 (float64 for float64
     parameters) and follow the model's device and dtype.
+
+    The model may be wrapped in DistributedDataParallel, DataParallel or `torch.compile`:
+    MAS works on the module inside, and state names carry no wrapper prefix. A MAS is not
+    thread-safe: two importance passes on one model from two threads raise a RuntimeError.
+    `copy.deepcopy(mas)` copies the MAS together with its model; a MAS cannot be pickled:
+    save `state_dict()` instead.
     """
 
     def __init__(self, model: nn.Module, lambda_: float = 1.0, mode: str = "per_sample",
@@ -192,15 +254,6 @@ class MAS:
         distributed.check_unsharded(self.model)
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def _synced(self, task: _TaskImportance) -> _TaskImportance:
-        """The task's running Ω over every rank's samples (itself outside torch.distributed)."""
-        if not (self.sync and distributed.active()):
-            return task
-        union = _TaskImportance()
-        union.mean, union.count = distributed.union_mean(task.mean, task.comp, task.count, self._trainable())
-        union.comp = {n: torch.zeros_like(t) for n, t in union.mean.items()}
-        return union
-
     def _accumulate_into(self, task: _TaskImportance, x: Any) -> int:
         params = self._trainable()
         if task.count and set(params) != set(task.mean):
@@ -220,41 +273,76 @@ class MAS:
         Usable at any time (e.g. on unlabeled test-time data): streaming batches of any
         sizes gives the same Ω as one pass over their union.
         """
-        return self._accumulate_into(self._task, x)
+        with _exclusive_pass(self.model):
+            return self._accumulate_into(self._task, x)
 
     def consolidate(self, loader: Optional[Iterable] = None, progress: bool = True) -> None:
         """End the current task: merge its Ω into the total and snapshot θ*.
 
         With a `loader`, first accumulate over it (batches that are tuples/lists use their
         first element; labels are ignored), with a tqdm progress bar unless `progress=False`.
-        If the loader or an importance pass fails, nothing changes. Under torch.distributed
-        (see `sync`) this is a collective: a rank may bring no samples, but must call it.
-        """
-        task = self._task
-        if loader is not None:
-            from tqdm.auto import tqdm
+        If the loader or an importance pass fails, nothing changes.
 
-            _check_loader(loader)
-            task = task.copy() if task.count else _TaskImportance()
-            for batch in tqdm(loader, desc="MAS importance", disable=not progress, leave=False):
-                self._accumulate_into(task, batch_input(batch))
-        task = self._synced(task)
-        if task.count == 0:
+        Under torch.distributed (see `sync`) this is a collective: a rank may bring no
+        samples, but must call it. After its local pass each rank exchanges one small
+        tensor (ok/failed, sample count, a digest of the parameter names, shapes, dtypes,
+        mode, merge, α and task count). Every rank then either commits the same Ω, or
+        raises before any reduction with no state changed: a rank whose pass failed raises
+        its own exception and the others `distributed.RankFailedError` naming it; differing
+        parameters or configuration raise the same ValueError on every rank.
+        """
+        if self.sync and distributed.active():
+            task_mean, count = distributed.union_mean(lambda: self._contribution(loader, progress))
+        else:
+            task = self._local_task(loader, progress)
+            task_mean, count = task.mean, task.count
+        if count == 0:
             raise ValueError("nothing to consolidate: the loader yielded no samples"
                              if loader is not None else
                              "nothing to consolidate: call accumulate(x) or pass a loader first")
         named = dict(self.model.named_parameters())
-        missing = sorted(n for n in set(self._omega) | set(task.mean) if n not in named)
+        self._check_model_holds(task_mean, named)
+        omega = self._merged(task_mean)
+        theta_star = {n: named[n].detach().to(acc_dtype(named[n].dtype), copy=True) for n in omega}
+        self._omega, self._theta_star = omega, theta_star
+        self._task = _TaskImportance()
+        self.num_tasks += 1
+
+    def _local_task(self, loader: Optional[Iterable], progress: bool) -> _TaskImportance:
+        """The running task, extended by a pass over `loader` (on a copy: nothing changes if
+        the loader or a pass fails)."""
+        if loader is None:
+            return self._task
+        from tqdm.auto import tqdm
+
+        _check_loader(loader)
+        task = self._task.copy() if self._task.count else _TaskImportance()
+        with _exclusive_pass(self.model):
+            for batch in tqdm(loader, desc="MAS importance", disable=not progress, leave=False):
+                self._accumulate_into(task, batch_input(batch))
+        return task
+
+    def _check_model_holds(self, task_mean: Mapping[str, Tensor], named: Mapping[str, Tensor]) -> None:
+        """ValueError unless the model still has every parameter with importance, unreshaped."""
+        missing = sorted(n for n in set(self._omega) | set(task_mean) if n not in named)
         if missing:
             raise ValueError(f"parameters with importance are missing from the model: {missing}")
         reshaped = _shape_changes(self._omega, named)
         if reshaped:
             raise ValueError("parameters changed shape since the last consolidation: " + "; ".join(reshaped))
-        omega = self._merged(task.mean)
-        theta_star = {n: named[n].detach().to(acc_dtype(named[n].dtype), copy=True) for n in omega}
-        self._omega, self._theta_star = omega, theta_star
-        self._task = _TaskImportance()
-        self.num_tasks += 1
+
+    def _contribution(self, loader: Optional[Iterable], progress: bool) -> distributed.Contribution:
+        """This rank's part of a synchronised consolidation: its local pass, checked against
+        the model, as sums over its samples (zeros for the trainable parameters if it has none)."""
+        task = self._local_task(loader, progress)
+        named = dict(self.model.named_parameters())
+        self._check_model_holds(task.mean, named)
+        covered = task.mean if task.count else self._trainable()
+        config = {"mode": self.mode, "merge": self.merge, "consolidated tasks": self.num_tasks}
+        if self.merge == "alpha":
+            config["alpha"] = self.alpha
+        return distributed.contribution(config, task.mean, task.compensation, task.count,
+                                        {n: named[n] for n in named if n in covered})
 
     def _merged(self, task_omega: dict[str, Tensor]) -> dict[str, Tensor]:
         if not self._omega:
@@ -367,36 +455,43 @@ class MAS:
         return self._task.count
 
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and plain types only: loads with `torch.load(..., weights_only=True)`."""
+        """A snapshot in tensors and plain types: loads with `torch.load(..., weights_only=True)`.
+
+        Later `accumulate()` / `consolidate()` calls do not change it: its tensors are shared
+        with the MAS until the MAS next updates them, and then the MAS updates copies (no copy
+        is made for a snapshot that is only saved). Do not modify its tensors in place.
+        """
+        self._task.exported = True
         return {
             "format": STATE_FORMAT, "mode": self.mode, "lambda_": self.lambda_, "merge": self.merge,
             "alpha": self.alpha, "num_tasks": self.num_tasks,
             "omega": dict(self._omega), "theta_star": dict(self._theta_star),
             "task_count": self._task.count, "task_mean": dict(self._task.mean),
-            "task_comp": dict(self._task.comp),
+            "task_compensation": dict(self._task.compensation),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state (configuration included, like torch.optim); the model must match.
 
         Raises ValueError listing every parameter whose name or shape does not match,
-        before anything changes.
+        before anything changes. States saved in format 1 load too; names saved with a
+        wrapper prefix (`module.`, `_orig_mod.`) load into the unwrapped model.
         """
-        keys = ("format", "mode", "lambda_", "merge", "alpha", "num_tasks", "omega", "theta_star",
-                "task_count", "task_mean", "task_comp")
+        state = _upgraded(state)
+        keys = ("format", "mode", "lambda_", "merge", "alpha", "num_tasks", "task_count", *STATE_GROUPS)
         if not isinstance(state, Mapping) or any(k not in state for k in keys):
             missing = [k for k in keys if not isinstance(state, Mapping) or k not in state]
             raise ValueError(f"not a mas_fast MAS state_dict (missing keys: {missing})")
         if state["format"] != STATE_FORMAT:
             raise ValueError(f"unsupported MAS state format {state['format']!r} (expected {STATE_FORMAT!r})")
         _check_config(state["lambda_"], state["mode"], state["merge"], state["alpha"])
-        if set(state["omega"]) != set(state["theta_star"]) or set(state["task_mean"]) != set(state["task_comp"]):
-            raise ValueError("corrupt MAS state: omega/theta_star or task_mean/task_comp name sets differ")
+        if set(state["omega"]) != set(state["theta_star"]) or \
+                set(state["task_mean"]) != set(state["task_compensation"]):
+            raise ValueError("corrupt MAS state: omega/theta_star or task_mean/task_compensation name sets differ")
         named = dict(self.model.named_parameters())
-        groups = ("omega", "theta_star", "task_mean", "task_comp")
-        state = {**state, **{g: _as_model_names(state[g], named) for g in groups}}
+        state = {**state, **{g: {_as_model_name(n, named): t for n, t in state[g].items()} for g in STATE_GROUPS}}
         problems: dict[str, str] = {}  # one line per parameter name
-        for group in groups:
+        for group in STATE_GROUPS:
             for n, t in state[group].items():
                 if not isinstance(t, Tensor) or not t.is_floating_point():
                     problems.setdefault(n, f"{n}: {group} is not a floating-point tensor")
@@ -418,7 +513,24 @@ class MAS:
                     for n, t in state[group].items()}
 
         task = _TaskImportance()
-        task.mean, task.comp, task.count = place("task_mean"), place("task_comp"), int(state["task_count"])
+        task.mean, task.compensation = place("task_mean"), place("task_compensation")
+        task.count = int(state["task_count"])
         self._omega, self._theta_star, self._task = place("omega"), place("theta_star"), task
         self.mode, self.lambda_, self.merge = state["mode"], float(state["lambda_"]), state["merge"]
         self.alpha, self.num_tasks = float(state["alpha"]), int(state["num_tasks"])
+
+    # ------------------------------------------------------------------ copies
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("a MAS cannot be pickled or shallow-copied (it references its model): save "
+                        "mas.state_dict() beside model.state_dict() and restore it with "
+                        "MAS(model).load_state_dict(state); copy.deepcopy(mas) copies a MAS with its model")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "MAS":
+        """A MAS over a deep copy of the model (the same copy as `deepcopy` of anything that
+        holds both), with copies of every state tensor."""
+        other = object.__new__(type(self))
+        memo[id(self)] = other
+        other.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        other._task.exported = False
+        return other

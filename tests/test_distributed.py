@@ -1,6 +1,10 @@
 """torch.distributed: 2 gloo CPU ranks spawned by the test, each on its own shard of the data,
 against one process on the union.
 
+One spawn serves every test: each rank first runs the refused cases (ranks that disagree on
+the model or configuration, a rank whose pass fails), then the two-task scenario, whose
+equality with one process also proves that the refusals left no collective pending.
+
 Tolerance: float64 models, so the only difference from the single process is the order of
 float summation (each rank's sum, then the all-reduce): compared with the float64 tolerance
 of tests/tolerances.py. Both ranks must hold bit-identical state (the all-reduce gives every
@@ -9,6 +13,7 @@ rank the same sum).
 import os
 import socket
 import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -18,7 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mas_fast import MAS
+from mas_fast.distributed import RankFailedError
 from models import make_case
+from state_checks import assert_same_state, snapshot
 from tolerances import assert_close
 
 WORLD = 2
@@ -114,10 +121,69 @@ def sharded_errors():
     return messages
 
 
+class BrokenLoader:
+    """Yields one batch, then raises (a failing data pipeline)."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __iter__(self):
+        yield self.x
+        raise RuntimeError("rank 1's loader broke")
+
+
+def refused_cases(rank):
+    """Per case, (model, MAS options, loader, tasks consolidated before) on this rank: rank 1
+    differs from rank 0 or fails. Linear(4, 6) and Linear(5, 5) have the same element count."""
+    x = torch.randn(3, 4)
+    nan = x.clone()
+    nan[1, 2] = float("nan")
+    return {
+        "shapes": (nn.Linear(4, 6), {}, [x], 1) if rank == 0 else (nn.Linear(5, 5), {}, [torch.randn(3, 5)], 1),
+        "dtypes": (nn.Linear(4, 6), {}, [x], 1) if rank == 0 else (nn.Linear(4, 6).double(), {}, [x.double()], 1),
+        "names": (nn.Linear(4, 6) if rank == 0 else nn.Sequential(nn.Linear(4, 6)), {}, [x], 1),
+        "mode": (nn.Linear(4, 6), {"mode": "per_sample" if rank == 0 else "batch"}, [x], 1),
+        "tasks": (nn.Linear(4, 6), {}, [x], 1 + rank),  # e.g. a rank resumed from another checkpoint
+        "raises": (nn.Linear(4, 6), {}, [x] if rank == 0 else BrokenLoader(x), 1),
+        "nonfinite": (nn.Linear(4, 6), {}, [x] if rank == 0 else [x, nan], 1),
+    }
+
+
+def refusals(rank):
+    """Each refused case on this rank: the error's type and message, and whether the state
+    (consolidated tasks, another in progress) is bit-for-bit unchanged."""
+    out = {}
+    for case, (model, options, loader, tasks) in refused_cases(rank).items():
+        batch = next(iter(loader))
+        local = MAS(model, sync=False, **options)  # consolidated tasks, made without communication
+        for _ in range(tasks):
+            local.consolidate([batch], progress=False)
+        mas = MAS(model, **options)
+        mas.load_state_dict(local.state_dict())
+        mas.accumulate(batch)
+        before = snapshot(mas)
+        try:
+            mas.consolidate(loader, progress=False)
+            out[case] = {"error": None}
+            continue
+        except Exception as exc:
+            out[case] = {"error": type(exc).__name__, "message": str(exc)}
+        try:
+            assert_same_state(mas, before)
+            out[case]["unchanged"] = True
+        except AssertionError:
+            out[case]["unchanged"] = False
+    return out
+
+
 def _worker(rank, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # A rank that never joins a collective fails the others after this timeout instead of hanging.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
     try:
+        refused = refusals(rank)
         result = scenario(rank)
+        result["refused"] = refused
         result["sharded"] = sharded_errors()
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -204,3 +270,39 @@ def test_sharded_parameters_are_refused_clearly(ranks, kind):
     message = ranks[0]["sharded"][kind]
     assert message is not None, f"MAS accepted {kind} parameters"
     assert "sharded parameters" in message and "DistributedDataParallel" in message
+
+
+def assert_same_refusal_on_every_rank(ranks, case, expected):
+    a, b = (rank["refused"][case] for rank in ranks)
+    assert a["error"] == b["error"] == "ValueError", (a, b)
+    assert a["message"] == b["message"]
+    assert a["message"].startswith(expected), a["message"]
+    assert a["unchanged"] and b["unchanged"]
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("shapes", "ranks disagree on parameter 'bias': rank 0: shape (6,), torch.float32; "
+               "rank 1: shape (5,), torch.float32"),  # names in sorted order: bias first
+    ("dtypes", "ranks disagree on parameter 'bias': rank 0: shape (6,), torch.float32; "
+               "rank 1: shape (6,), torch.float64"),
+    ("names", "ranks disagree on the parameter list: rank 0: parameter 'bias' (shape (6,), torch.float32); "
+              "rank 1: parameter '0.bias' (shape (6,), torch.float32)")])
+def test_d1_ranks_with_different_parameters_all_raise_the_same_error_and_change_nothing(ranks, case, expected):
+    assert_same_refusal_on_every_rank(ranks, case, expected)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("mode", "ranks disagree on mode: rank 0: 'per_sample'; rank 1: 'batch'"),
+    ("tasks", "ranks disagree on consolidated tasks: rank 0: 1; rank 1: 2")])
+def test_d2_ranks_with_a_different_configuration_all_raise_the_same_error_and_change_nothing(ranks, case, expected):
+    assert_same_refusal_on_every_rank(ranks, case, expected)
+
+
+@pytest.mark.parametrize("case,own_error,own_message", [
+    ("raises", "RuntimeError", "rank 1's loader broke"), ("nonfinite", "NonFiniteError", "NaN or Inf")])
+def test_d3_a_failing_rank_makes_every_rank_raise_and_nothing_change(ranks, case, own_error, own_message):
+    other, failing = (rank["refused"][case] for rank in ranks)
+    assert failing["error"] == own_error and own_message in failing["message"], failing
+    assert other["error"] == RankFailedError.__name__, other
+    assert f"rank 1: {own_error}: {failing['message']}" in other["message"]
+    assert other["unchanged"] and failing["unchanged"]

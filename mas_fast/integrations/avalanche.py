@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from .. import ops
 from ..importance import MODES
-from ..regularizer import MAS, check_alpha, check_lambda
+from ..regularizer import MAS, STATE_GROUPS, check_alpha, check_lambda
 
 try:
     from avalanche.models.utils import avalanche_forward
@@ -147,7 +147,7 @@ class MASPlugin(SupervisedPlugin):
         if mas is not None:
             named = dict(fresh.model.named_parameters())
             state = mas.state_dict()
-            for group in ("omega", "theta_star", "task_mean", "task_comp"):
+            for group in STATE_GROUPS:
                 state[group] = {n: _padded(t, named[n].shape) if n in named and _grows(t.shape, named[n].shape)
                                 else t for n, t in state[group].items()}
             fresh.load_state_dict(state)  # any other mismatch: a ValueError listing it
