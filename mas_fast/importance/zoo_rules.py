@@ -34,9 +34,10 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------- recognition
 
 
-# co_flags bits that describe the code (varargs, generator, ...); the higher bits record the
-# defining file's `from __future__` imports, which do not change a function's bytecode meaning.
-_CODE_KIND_FLAGS = 0x3FF
+# co_flags bits that describe the code (locals, varargs, generator, coroutine); not CO_NESTED
+# (where the function was defined) nor the higher bits, which record the defining file's
+# `from __future__` imports: neither changes what the bytecode computes.
+_CODE_KIND_FLAGS = 0x3FF & ~0x10
 
 
 def _code_fingerprint(code: types.CodeType) -> tuple:
