@@ -187,3 +187,21 @@ def test_no_parameter_uses_the_whole_model_fallback(name, monkeypatch):
         mas.accumulate(x)
     causes = sorted({str(w.message) for w in caught if WHOLE_MODEL_FALLBACK in str(w.message)})
     assert not causes, f"{name}: " + "; ".join(causes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ZOO))
+def test_per_sample_fp32_at_benchmark_size(name):
+    """float32 models at B = 16, T = 32 against the float64 oracle of the same weights."""
+    model = build(name)
+    x = ZOO[name].inputs(16, 32, torch.Generator().manual_seed(2))
+    output_fn = ZOO[name].output_fn or (lambda out: out)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="mas_fast: ")
+        got, _ = batch_importance(model, x, trainable(model), "per_sample", ZOO[name].output_fn, "auto")
+    model64 = model.double()
+    want = per_sample_oracle(model64, x.double() if x.is_floating_point() else x, output_fn)
+    for n, w in want.items():
+        scale = max(w.abs().max().item(), 1e-30)
+        torch.testing.assert_close(got[n].double(), w, rtol=1e-3, atol=1e-4 * scale,
+                                   msg=lambda m: f"{name} {n}: {m}")

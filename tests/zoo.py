@@ -45,7 +45,7 @@ def gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=128, n_layer=2, n_head=4,
-                        attn_implementation="eager")
+                        bos_token_id=0, eos_token_id=0, attn_implementation="eager")
     return GPT2LMHeadModel(config)  # lm_head tied to wte, as in GPT-2
 
 
