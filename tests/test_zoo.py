@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from mas_fast import MAS
 from mas_fast.importance import batch_importance, fallback
+from tolerances import assert_close_lowp
 from zoo import ZOO, build, trainable
 
 pytest.importorskip("transformers")
@@ -62,10 +63,13 @@ def zoo_case(name: str):
 
 
 def assert_matches(got: dict, want: dict, what: str) -> None:
+    """float64 agreement per parameter; the absolute floor is relative to the whole model's
+    largest Ω, for parameters whose gradient is zero by symmetry (attention's key bias)."""
     assert set(got) == set(want), what
+    floor = 1e-12 * max(w.abs().max().item() for w in want.values())
     for n, w in want.items():
-        scale = max(w.abs().max().item(), 1e-30)
-        torch.testing.assert_close(got[n], w, rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{what} {n}: {m}")
+        atol = max(RTOL * w.abs().max().item(), floor)
+        torch.testing.assert_close(got[n], w, rtol=RTOL, atol=atol, msg=lambda m: f"{what} {n}: {m}")
 
 
 def per_sample_oracle(model, x, output_fn) -> dict:
@@ -192,16 +196,15 @@ def test_no_parameter_uses_the_whole_model_fallback(name, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(ZOO))
 def test_per_sample_fp32_at_benchmark_size(name):
-    """float32 models at B = 16, T = 32 against the float64 oracle of the same weights."""
+    """float32 models at B = 16, T = 32: the error against the float64 oracle of the same weights
+    is at most 2× that of torch.func's float32 per-sample gradients (plus a floor)."""
     model = build(name)
     x = ZOO[name].inputs(16, 32, torch.Generator().manual_seed(2))
     output_fn = ZOO[name].output_fn or (lambda out: out)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="mas_fast: ")
         got, _ = batch_importance(model, x, trainable(model), "per_sample", ZOO[name].output_fn, "auto")
-    model64 = model.double()
-    want = per_sample_oracle(model64, x.double() if x.is_floating_point() else x, output_fn)
+    same_dtype = per_sample_oracle(model, x, output_fn)
+    want = per_sample_oracle(model.double(), x.double() if x.is_floating_point() else x, output_fn)
     for n, w in want.items():
-        scale = max(w.abs().max().item(), 1e-30)
-        torch.testing.assert_close(got[n].double(), w, rtol=1e-3, atol=1e-4 * scale,
-                                   msg=lambda m: f"{name} {n}: {m}")
+        assert_close_lowp(got[n], w, same_dtype[n], f"{name} {n}")

@@ -75,13 +75,8 @@ def llama_lora() -> nn.Module:
     """Llama with a PEFT LoRA adapter on the attention projections: only the adapter trains."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                               lora_dropout=0.0))
-    with torch.no_grad():  # B starts at zero: give the adapter a non-zero gradient path both ways
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    return model
+    return get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                              lora_dropout=0.0))
 
 
 def vit() -> nn.Module:
@@ -132,9 +127,19 @@ ZOO: dict[str, ZooModel] = {
 
 
 def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The zoo model `name`, seeded random init, eval mode, in `dtype`."""
+    """The zoo model `name`, seeded random init, eval mode, in `dtype`.
+
+    Parameters the libraries initialise to a constant (norm scales and shifts, biases, layer
+    scales, LoRA's B) get a small random perturbation: otherwise symmetry zeroes gradients
+    (a final LayerNorm with γ = 1, β = 0 makes ‖F‖² constant) and the tests compare zeros.
+    """
     torch.manual_seed(seed)
-    return ZOO[name].build().to(dtype).eval()
+    model = ZOO[name].build()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.add_(torch.randn_like(p), alpha=0.1 * max(p.abs().max().item(), 0.1))
+    return model.to(dtype).eval()
 
 
 def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
