@@ -14,7 +14,12 @@ from tolerances import assert_close, assert_close_lowp
 
 transformers = pytest.importorskip("transformers")
 timm_layers = pytest.importorskip("timm.layers")
+from transformers.models.cohere.modeling_cohere import CohereLayerNorm  # noqa: E402
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # noqa: E402
+from transformers.models.gemma3n.modeling_gemma3n import Gemma3nRMSNorm  # noqa: E402
+from transformers.models.helium.modeling_helium import HeliumRMSNorm  # noqa: E402
+from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm  # noqa: E402
+from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 from transformers.models.t5.modeling_t5 import T5LayerNorm  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -33,6 +38,12 @@ CASES = {
     "llama-rmsnorm": (lambda: LlamaRMSNorm(8, eps=1e-5), [(4, 8), (3, 6, 8)], zoo_rules.llama_rms_norm_rule),
     "t5-layernorm": (lambda: T5LayerNorm(8), [(4, 8), (3, 6, 8)], zoo_rules.t5_layer_norm_rule),
     "gemma-rmsnorm": (lambda: GemmaRMSNorm(8), [(4, 8), (3, 6, 8)], zoo_rules.gemma_rms_norm_rule),
+    "olmo2-rmsnorm": (lambda: Olmo2RMSNorm(8), [(4, 8), (3, 6, 8)], zoo_rules.olmo2_rms_norm_rule),
+    "helium-rmsnorm": (lambda: HeliumRMSNorm(8), [(3, 6, 8)], zoo_rules.olmo2_rms_norm_rule),
+    "llama4-rmsnorm": (lambda: Llama4TextRMSNorm(8), [(4, 8), (3, 6, 8)], zoo_rules.llama4_rms_norm_rule),
+    "gemma3n-rmsnorm": (lambda: Gemma3nRMSNorm(8), [(4, 8), (3, 6, 8)], zoo_rules.gemma3n_rms_norm_rule),
+    "cohere-layernorm": (lambda: CohereLayerNorm(8), [(4, 8), (3, 6, 8)], zoo_rules.cohere_layer_norm_rule),
+    "cohere-qk-norm": (lambda: CohereLayerNorm((3, 8)), [(2, 5, 3, 8)], zoo_rules.cohere_layer_norm_rule),
     "timm-layernorm": (lambda: timm_layers.LayerNorm(8), [(4, 8), (3, 6, 8)], rules.layer_norm_rule),
     "timm-layernorm2d": (lambda: timm_layers.LayerNorm2d(6), [(3, 6, 4, 5), (2, 6, 1, 7)],
                          zoo_rules.timm_layer_norm2d_rule),
@@ -41,7 +52,8 @@ CASES = {
 }
 # Modules that compute in fp32 whatever the input dtype (Gemma: x.float() and (1 + w.float())):
 # float64 inputs are checked with float32's tolerance.
-FP32_INSIDE = {"gemma-rmsnorm"}
+FP32_INSIDE = {"gemma-rmsnorm", "gemma3n-rmsnorm", "olmo2-rmsnorm", "helium-rmsnorm", "cohere-layernorm",
+               "cohere-qk-norm"}
 SIGNED = [c for c in CASES if CASES[c][2] is not rules.layer_norm_rule]  # timm LayerNorm reuses torch's rule
 SHAPED = [pytest.param(name, shape, id=f"{name}-{'x'.join(map(str, shape))}")
           for name, (_, shapes, _) in CASES.items() for shape in shapes]
@@ -122,6 +134,8 @@ HF_TWINS = {  # "Copied from" classes in other model files: the same code, the s
     "transformers.models.mistral.modeling_mistral.MistralRMSNorm": zoo_rules.llama_rms_norm_rule,
     "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm": zoo_rules.llama_rms_norm_rule,
     "transformers.models.longt5.modeling_longt5.LongT5LayerNorm": zoo_rules.t5_layer_norm_rule,
+    "transformers.models.gpt_oss.modeling_gpt_oss.GptOssRMSNorm": zoo_rules.olmo2_rms_norm_rule,
+    "transformers.models.gemma4.modeling_gemma4.Gemma4RMSNorm": zoo_rules.gemma3n_rms_norm_rule,
 }
 
 
@@ -201,7 +215,10 @@ def test_timm_fast_norm_and_in_place_scale_go_to_the_fallback():
 def test_known_forward_references_match_the_installed_libraries():
     """The reference copies are current: each matches the class it was copied from."""
     pairs = {"HF Conv1D": Conv1D(3, 2), "HF Llama RMSNorm": LlamaRMSNorm(4), "HF T5LayerNorm": T5LayerNorm(4),
-             "HF Gemma RMSNorm": GemmaRMSNorm(4), "timm LayerNorm": timm_layers.LayerNorm(4),
+             "HF Gemma RMSNorm": GemmaRMSNorm(4), "HF OLMo2 RMSNorm": Olmo2RMSNorm(4),
+             "HF Helium RMSNorm": HeliumRMSNorm(4), "HF Llama4 RMSNorm": Llama4TextRMSNorm(4),
+             "HF Gemma3n RMSNorm": Gemma3nRMSNorm(4), "HF Cohere LayerNorm": CohereLayerNorm(4),
+             "timm LayerNorm": timm_layers.LayerNorm(4),
              "timm LayerNorm2d": timm_layers.LayerNorm2d(4), "timm LayerScale": timm_layers.LayerScale(4),
              "timm LayerScale2d": timm_layers.LayerScale2d(4)}
     assert set(pairs) == set(zoo_rules.KNOWN)

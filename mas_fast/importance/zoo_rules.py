@@ -1,8 +1,9 @@
 """Exact rules for the layers of the common model libraries (Hugging Face, timm).
 
 These libraries define their own layers instead of subclassing torch's: GPT-2's `Conv1D`
-(a Linear with the weight transposed), RMSNorm as Llama, T5 and Gemma spell it (copied
-into dozens of model files), timm's `LayerNorm` / `LayerNorm2d` and `LayerScale(2d)`.
+(a Linear with the weight transposed), RMSNorm as Llama, T5, Gemma, OLMo2, Helium, Llama 4
+and Gemma 3n spell it and Cohere's bias-free LayerNorm (each copied into many model files),
+timm's `LayerNorm` / `LayerNorm2d` and `LayerScale(2d)`.
 
 A layer is recognised by the code it runs, never by its name: `KnownForward` compares
 the layer's `forward` (and the methods it calls) with a reference copy of the library's
@@ -116,6 +117,56 @@ class GemmaRMSNorm:  # GemmaRMSNorm and its twins: scale (1 + weight), product i
         output = self._norm(x.float())
         output = output * (1.0 + self.weight.float())
         return output.type_as(x)
+
+
+class Olmo2RMSNorm:  # OLMo2, GPT-OSS, ...: (w · x̂) in fp32, then cast to the input dtype
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return (self.weight * hidden_states).to(input_dtype)
+
+
+class HeliumRMSNorm:  # Helium, ...: as OLMo2 with the weight upcast explicitly
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return (self.weight.to(torch.float32) * hidden_states).to(input_dtype)
+
+
+class Llama4TextRMSNorm:  # Llama 4, ...: x̂ cast to the input dtype, then scaled
+    def forward(self, x):
+        output = self._norm(x.float()).type_as(x)
+        return output * self.weight
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class Gemma3nRMSNorm:  # Gemma 3n / 4, ...: x̂ = x (mean x² + eps)^(-1/2) in fp32, optional scale
+    def forward(self, hidden_states):
+        normed_output = self._norm(hidden_states.float())
+        if self.with_scale:
+            normed_output = normed_output * self.weight.float()
+        return normed_output.type_as(hidden_states)
+
+    def _norm(self, hidden_states):
+        mean_squared = hidden_states.pow(2).mean(-1, keepdim=True) + self.eps
+        return hidden_states * torch.pow(mean_squared, -0.5)
+
+
+class CohereLayerNorm:  # Cohere, ...: LayerNorm without bias, in fp32
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        mean = hidden_states.mean(-1, keepdim=True)
+        variance = (hidden_states - mean).pow(2).mean(-1, keepdim=True)
+        hidden_states = (hidden_states - mean) * torch.rsqrt(variance + self.variance_epsilon)
+        hidden_states = self.weight.to(torch.float32) * hidden_states
+        return hidden_states.to(input_dtype)
 
 
 class TimmLayerNorm:  # timm.layers.LayerNorm
@@ -245,13 +296,42 @@ def _rms_rule(name: str, x_hat_fn: Callable[[nn.Module, Tensor], Tensor], doc: s
     rule.__name__ = rule.__qualname__ = name
     rule.__doc__ = doc
     rule.signed = signed
-    rule.sample_dims = lambda m, x: range(x.dim() - 1)
+    rule.sample_dims = lambda m, x: range(x.dim() - m.weight.dim())  # Cohere's per-head norm: (H, D)
     return rule
 
 
 llama_rms_norm_rule = _rms_rule("llama_rms_norm_rule", _llama_x_hat, "HF Llama-style RMSNorm: w · x̂.to(input dtype), fp32 statistics.")
 t5_layer_norm_rule = _rms_rule("t5_layer_norm_rule", _t5_x_hat, "HF T5LayerNorm: w · x̂, x̂ cast to w's dtype when w is half.")
 gemma_rms_norm_rule = _rms_rule("gemma_rms_norm_rule", _gemma_x_hat, "HF Gemma-style RMSNorm: x̂ · (1 + w) in fp32.")
+
+
+def _olmo2_x_hat(module: nn.Module, x: Tensor) -> Tensor:
+    return _rms_normalised(x.to(torch.float32), module.variance_epsilon)
+
+
+def _llama4_x_hat(module: nn.Module, x: Tensor) -> Tensor:
+    return _rms_normalised(x.float(), module.eps).type_as(x)
+
+
+def _gemma3n_x_hat(module: nn.Module, x: Tensor) -> Tensor:
+    xf = x.float()
+    return xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + module.eps, -0.5)  # pow, not rsqrt: same bits
+
+
+def _cohere_x_hat(module: nn.Module, x: Tensor) -> Tensor:
+    xf = x.to(torch.float32)
+    centred = xf - xf.mean(-1, keepdim=True)
+    return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+
+
+olmo2_rms_norm_rule = _rms_rule("olmo2_rms_norm_rule", _olmo2_x_hat,
+                                "HF OLMo2-style RMSNorm: (w · x̂) in fp32, cast to the input dtype.")
+llama4_rms_norm_rule = _rms_rule("llama4_rms_norm_rule", _llama4_x_hat,
+                                 "HF Llama4-style RMSNorm: x̂ (fp32) cast to the input dtype, times w.")
+gemma3n_rms_norm_rule = _rms_rule("gemma3n_rms_norm_rule", _gemma3n_x_hat,
+                                  "HF Gemma3n-style RMSNorm: x̂ · w in fp32 (x̂ through pow(·, -1/2)).")
+cohere_layer_norm_rule = _rms_rule("cohere_layer_norm_rule", _cohere_x_hat,
+                                   "HF Cohere-style LayerNorm: w · x̂ in fp32, no bias.")
 
 
 # --------------------------------------------------------------------------- timm norms and scales
@@ -327,6 +407,11 @@ KNOWN: dict[str, KnownForward] = {
     "HF Llama RMSNorm": KnownForward(LlamaRMSNorm),
     "HF T5LayerNorm": KnownForward(T5LayerNorm),
     "HF Gemma RMSNorm": KnownForward(GemmaRMSNorm),
+    "HF OLMo2 RMSNorm": KnownForward(Olmo2RMSNorm),
+    "HF Helium RMSNorm": KnownForward(HeliumRMSNorm),
+    "HF Llama4 RMSNorm": KnownForward(Llama4TextRMSNorm),
+    "HF Gemma3n RMSNorm": KnownForward(Gemma3nRMSNorm),
+    "HF Cohere LayerNorm": KnownForward(CohereLayerNorm),
     "timm LayerNorm": KnownForward(TimmLayerNorm, nn.LayerNorm),
     "timm LayerNorm2d": KnownForward(TimmLayerNorm2d, nn.LayerNorm),
     "timm LayerScale": KnownForward(TimmLayerScale),
@@ -339,6 +424,11 @@ ZOO_RULES: list[tuple[Callable[[nn.Module], bool], Callable, Optional[Callable[[
     (KNOWN["HF Llama RMSNorm"], llama_rms_norm_rule, None),
     (KNOWN["HF T5LayerNorm"], t5_layer_norm_rule, None),
     (KNOWN["HF Gemma RMSNorm"], gemma_rms_norm_rule, None),
+    (KNOWN["HF OLMo2 RMSNorm"], olmo2_rms_norm_rule, None),
+    (KNOWN["HF Helium RMSNorm"], olmo2_rms_norm_rule, None),
+    (KNOWN["HF Llama4 RMSNorm"], llama4_rms_norm_rule, None),
+    (KNOWN["HF Gemma3n RMSNorm"], gemma3n_rms_norm_rule, None),
+    (KNOWN["HF Cohere LayerNorm"], cohere_layer_norm_rule, None),
     (KNOWN["timm LayerNorm"], layer_norm_rule, _fast_norm_reason),
     (KNOWN["timm LayerNorm2d"], timm_layer_norm2d_rule, _fast_norm_reason),
     (KNOWN["timm LayerScale"], layer_scale_rule, _in_place_reason),
