@@ -262,6 +262,8 @@ hf_conv1d_rule.sample_dims = lambda m, x: range(x.dim() - 1)
 
 
 # --------------------------------------------------------------------------- RMSNorm spellings
+# Each spelling's rule is the affine rule on its own x̂ = ∂y/∂w, computed with the same ops and
+# dtypes as the library's forward (fp32 statistics, casts where the library casts).
 
 
 def _rms_normalised(x: Tensor, eps: float) -> Tensor:
@@ -284,27 +286,6 @@ def _gemma_x_hat(module: nn.Module, x: Tensor) -> Tensor:
     return _rms_normalised(x.float(), module.eps)
 
 
-def _rms_rule(name: str, x_hat_fn: Callable[[nn.Module, Tensor], Tensor], doc: str):
-    def rule(module, x, delta, wanted, backend) -> dict:
-        _batched(module, x, 2)
-        return _affine(module, x_hat_fn(module, x), delta, True, wanted, backend)
-
-    def signed(module, x, delta, wanted, backend) -> dict:
-        _batched(module, x, 2)
-        return _signed_affine(module, x_hat_fn(module, x), delta, True, wanted)
-
-    rule.__name__ = rule.__qualname__ = name
-    rule.__doc__ = doc
-    rule.signed = signed
-    rule.sample_dims = lambda m, x: range(x.dim() - m.weight.dim())  # Cohere's per-head norm: (H, D)
-    return rule
-
-
-llama_rms_norm_rule = _rms_rule("llama_rms_norm_rule", _llama_x_hat, "HF Llama-style RMSNorm: w · x̂.to(input dtype), fp32 statistics.")
-t5_layer_norm_rule = _rms_rule("t5_layer_norm_rule", _t5_x_hat, "HF T5LayerNorm: w · x̂, x̂ cast to w's dtype when w is half.")
-gemma_rms_norm_rule = _rms_rule("gemma_rms_norm_rule", _gemma_x_hat, "HF Gemma-style RMSNorm: x̂ · (1 + w) in fp32.")
-
-
 def _olmo2_x_hat(module: nn.Module, x: Tensor) -> Tensor:
     return _rms_normalised(x.to(torch.float32), module.variance_epsilon)
 
@@ -324,6 +305,28 @@ def _cohere_x_hat(module: nn.Module, x: Tensor) -> Tensor:
     return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
 
 
+def _rms_rule(name: str, x_hat_fn: Callable[[nn.Module, Tensor], Tensor], doc: str):
+    def rule(module, x, delta, wanted, backend) -> dict:
+        _batched(module, x, 2)
+        return _affine(module, x_hat_fn(module, x), delta, True, wanted, backend)
+
+    def signed(module, x, delta, wanted, backend) -> dict:
+        _batched(module, x, 2)
+        return _signed_affine(module, x_hat_fn(module, x), delta, True, wanted)
+
+    rule.__name__ = rule.__qualname__ = name
+    rule.__doc__ = doc
+    rule.signed = signed
+    rule.sample_dims = lambda m, x: range(x.dim() - m.weight.dim())  # Cohere's per-head norm: (H, D)
+    return rule
+
+
+llama_rms_norm_rule = _rms_rule("llama_rms_norm_rule", _llama_x_hat,
+                                "HF Llama-style RMSNorm: w · x̂.to(input dtype), fp32 statistics.")
+t5_layer_norm_rule = _rms_rule("t5_layer_norm_rule", _t5_x_hat,
+                               "HF T5LayerNorm: w · x̂, x̂ cast to w's dtype when w is half.")
+gemma_rms_norm_rule = _rms_rule("gemma_rms_norm_rule", _gemma_x_hat,
+                                "HF Gemma-style RMSNorm: x̂ · (1 + w) in fp32.")
 olmo2_rms_norm_rule = _rms_rule("olmo2_rms_norm_rule", _olmo2_x_hat,
                                 "HF OLMo2-style RMSNorm: (w · x̂) in fp32, cast to the input dtype.")
 llama4_rms_norm_rule = _rms_rule("llama4_rms_norm_rule", _llama4_x_hat,
