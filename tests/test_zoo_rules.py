@@ -226,3 +226,12 @@ def test_known_forward_references_match_the_installed_libraries():
         assert zoo_rules.KNOWN[key](module), key
         others = [k for k in zoo_rules.KNOWN if k != key and zoo_rules.KNOWN[k](module)]
         assert not others, f"{key} also matches {others}"
+
+
+def test_forward_reassigned_on_the_class_is_checked_again(monkeypatch):
+    class Norm(LlamaRMSNorm):
+        pass
+
+    assert rule_for(Norm(4)) is zoo_rules.llama_rms_norm_rule  # verdict cached for this forward
+    monkeypatch.setattr(Norm, "forward", lambda self, x: 2 * LlamaRMSNorm.forward(self, x))
+    assert rule_for(Norm(4)) is None

@@ -19,6 +19,7 @@ the batch gradient, which verification compares with autograd.
 from __future__ import annotations
 
 import types
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -65,6 +66,9 @@ class KnownForward:
         self.name = reference.__name__
         self.methods = {name: _code_fingerprint(fn.__code__) for name, fn in vars(reference).items()
                         if isinstance(fn, types.FunctionType)}
+        # verdict per (method name, function object): each function is fingerprinted once;
+        # a method reassigned on the class is a new function, so it is checked afresh
+        self._verdicts: dict[str, weakref.WeakKeyDictionary] = {n: weakref.WeakKeyDictionary() for n in self.methods}
 
     def __call__(self, module: nn.Module) -> bool:
         if not isinstance(module, self.base):
@@ -73,7 +77,10 @@ class KnownForward:
             fn = getattr(type(module), name, None)
             if name in vars(module) or not isinstance(fn, types.FunctionType):
                 return False
-            if _code_fingerprint(fn.__code__) != fingerprint:
+            verdicts = self._verdicts[name]
+            if fn not in verdicts:
+                verdicts[fn] = _code_fingerprint(fn.__code__) == fingerprint
+            if not verdicts[fn]:
                 return False
         return True
 
