@@ -11,7 +11,7 @@ model and method, each method checked for equal results first:
 CPU (always): MLP 784-400-400-10 on the reference backend (bars: per_sample ≤ 1.1× batch,
 ≥ 20× faster than vmap). CUDA (when present): MLP 784-400-400-10 and 4096-4096-4096,
 a ResNet-18-like CNN at 32×32 and a 6-block transformer (d = 512, T = 128) on the triton
-backend (issue 6's bars: ≤ 1.5× batch time, ≤ 1.2× its peak memory, ≥ 20× faster than
+backend (bars: ≤ 1.5× batch time, ≤ 1.2× its peak memory, ≥ 20× faster than
 vmap and Opacus).
 
 The model zoo (tests/zoo.py: HF GPT-2, BERT, Llama, Llama + LoRA, timm ViT and ConvNeXt,
@@ -309,7 +309,7 @@ def test_zoo_importance(benchmark, cpu_threads, name, method):
                 return mas_sums(model, x, method, "auto", output_fn)
         slow = method == "vmap"  # its equality check above was its warm-up
         seconds = measure(benchmark, fn, "cpu", rounds=3 if slow else 7, warmup=0 if slow else 1)
-        peak = peak_bytes(fn, "cpu") if method != "vmap" else None
+        peak = None if slow else peak_bytes(fn, "cpu")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     record(SUITE, f"zoo-{name}", method, seconds, "cpu", baseline=method == "batch", backend="auto",
            batch=ZOO_BATCH, seq=ZOO_SEQ if _zoo().ZOO[name].kind != "image" else None,
@@ -325,7 +325,7 @@ def _ratio(rows: list[dict], group: str, name: str, of: str, key: str = "seconds
 
 
 def _bar_checks(rows: list[dict], device: str, group: str) -> list[tuple[str, float | None, Callable]]:
-    """(what, value, ok) for one group: the zoo's bars, issue 3's on the CPU MLP, issue 6's on CUDA."""
+    """(what, value, ok) for one group: the zoo's bars, the CPU MLP's, the CUDA cases'."""
     def ratio(name, of, key="seconds"):
         return _ratio(rows, group, name, of, key)
 
@@ -345,7 +345,7 @@ def _bar_checks(rows: list[dict], device: str, group: str) -> list[tuple[str, fl
 
 
 def test_bars():
-    """The bars, from this run's rows: the zoo's, issue 3's on CPU, issue 6's on CUDA."""
+    """The bars, from this run's rows: the zoo's, the CPU MLP's and the CUDA cases'."""
     rows = [r for r in ROWS if r["suite"] == SUITE]
     if not rows:
         pytest.skip("no importance rows in this run")
