@@ -224,29 +224,41 @@ def _embedding_reason(module: nn.Module) -> Optional[str]:
     return "fallback" if module.scale_grad_by_freq else None
 
 
-_RULES: list[tuple[type, Rule, Optional[Callable[[nn.Module], Optional[str]]]]] = [
-    (nn.Linear, linear_rule, None),
-    (nn.Conv1d, conv_rule, None),
-    (nn.Conv2d, conv_rule, None),
-    (nn.LayerNorm, layer_norm_rule, None),
-    (nn.GroupNorm, group_norm_rule, None),
-    (nn.modules.batchnorm._BatchNorm, batch_norm_rule, _batch_norm_reason),
-    (nn.Embedding, embedding_rule, _embedding_reason),
-    (nn.MultiheadAttention, mha_rule, None),
+def _same_forward(cls: type) -> Callable[[nn.Module], bool]:
+    """Instances of `cls` (subclasses included) that keep `cls`'s forward."""
+    return lambda module: isinstance(module, cls) and type(module).forward is cls.forward
+
+
+Matcher = Callable[[nn.Module], bool]
+_RULES: list[tuple[Matcher, Rule, Optional[Callable[[nn.Module], Optional[str]]]]] = [
+    (_same_forward(nn.Linear), linear_rule, None),
+    (_same_forward(nn.Conv1d), conv_rule, None),
+    (_same_forward(nn.Conv2d), conv_rule, None),
+    (_same_forward(nn.LayerNorm), layer_norm_rule, None),
+    (_same_forward(nn.GroupNorm), group_norm_rule, None),
+    (_same_forward(nn.modules.batchnorm._BatchNorm), batch_norm_rule, _batch_norm_reason),
+    (_same_forward(nn.Embedding), embedding_rule, _embedding_reason),
+    (_same_forward(nn.MultiheadAttention), mha_rule, None),
 ]
 if hasattr(nn, "RMSNorm"):
-    _RULES.append((nn.RMSNorm, rms_norm_rule, None))
+    _RULES.append((_same_forward(nn.RMSNorm), rms_norm_rule, None))
+
+# Library layers (HF, timm), recognised by their code; imported last: they reuse the helpers above.
+from .zoo_rules import ZOO_RULES  # noqa: E402
+
+_RULES += ZOO_RULES
 
 
 def rule_for(module: nn.Module) -> Optional[Rule]:
     """The exact rule for this module, or None when the generic fallback must handle it.
 
-    A subclass qualifies only if it keeps the base class's forward (so the rule's maths
-    still describes what the module computes). Raises ValueError for modules whose
-    per-sample importance is undefined.
+    A module qualifies by what it computes: a torch layer (or a subclass) that keeps the
+    layer's forward, or a library layer whose forward is the known implementation's code
+    (zoo_rules.KnownForward). Raises ValueError for modules whose per-sample importance
+    is undefined.
     """
-    for cls, rule, reason_fn in _RULES:
-        if isinstance(module, cls) and type(module).forward is cls.forward:
+    for matches, rule, reason_fn in _RULES:
+        if matches(module):
             reason = reason_fn(module) if reason_fn else None
             if reason == "fallback":
                 return None
