@@ -1,0 +1,65 @@
+"""What the importance engine remembers between batches, per `MAS` instance.
+
+- which path serves each module: its rule, the module-local exact path, or the
+  whole-model fallback (a module is demoted when a check shows the faster path does not
+  describe what it computed; demotions stick for the instance);
+- whether the current pass has been verified, and the structure it was verified on;
+- which warnings were issued (once per module and cause);
+- the path that computed each parameter in the last pass (`MAS.coverage()`).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Optional
+
+import torch.nn as nn
+
+RULE, MODULE_LOCAL, WHOLE_MODEL = "rule", "module-local", "whole-model"
+PATHS = (RULE, MODULE_LOCAL, WHOLE_MODEL)
+
+
+def describe(path: str, module: nn.Module) -> str:
+    """`transformer.h.0.attn (transformers.pytorch_utils.Conv1D)`; the root is `<model>`."""
+    kind = type(module)
+    return f"{path or '<model>'} ({kind.__module__}.{kind.__qualname__})"
+
+
+class ImportanceState:
+    """Per-instance memory of the engine (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.levels: dict[str, str] = {}        # module path → demoted path (absent: best available)
+        self.verified_on: Optional[tuple] = None  # the structure the current pass was verified on
+        self.warned: set[tuple[str, str]] = set()
+        self.coverage: dict[str, str] = {}
+
+    def copy(self) -> "ImportanceState":
+        """An independent copy (a dry run must not change the instance's state)."""
+        return copy.deepcopy(self)
+
+    def new_pass(self) -> None:
+        """A new pass over data begins (consolidate(loader)): verify its first batch."""
+        self.verified_on = None
+
+    def needs_verification(self, structure: tuple) -> bool:
+        """True on a pass's first batch and whenever the layers that ran or their inputs change."""
+        return structure != self.verified_on
+
+    def demote(self, path: str, module: nn.Module, to: str, reason: str) -> None:
+        """Serve `path` by `to` from now on, and say so once."""
+        self.levels[path] = to
+        self.warn(path, module, reason, to)
+
+    def warn(self, path: str, module: nn.Module, reason: str, to: str) -> None:
+        """Warn once per module and cause that its parameters take a slower exact path."""
+        if (path, reason) in self.warned:
+            return
+        self.warned.add((path, reason))
+        cost = "the per-sample gradient of the whole model" if to == WHOLE_MODEL else \
+            "a per-sample vector-Jacobian product of that module alone"
+        warnings.warn(f"mas_fast: {describe(path, module)}: {reason}; its parameters use the {to} "
+                      f"path ({cost}: exact, slower than a rule)", stacklevel=5)
+
+
+__all__ = ["ImportanceState", "MODULE_LOCAL", "PATHS", "RULE", "WHOLE_MODEL", "describe"]
