@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .importance import MODES, batch_importance
+from .importance import MODES, ImportanceState, batch_importance
 from . import distributed
 from .ops.policy import acc_dtype
 
@@ -149,6 +149,12 @@ class MAS:
         alpha: α for merge="alpha".
         output_fn: maps the model's output (tuple, dict, several heads) to the tensor F.
         backend: "auto" | "reference" | "cpp" | "triton" | "cuda" (see mas_fast.ops).
+        verify: on the first batch of every importance pass (and whenever the layers that
+            run or their inputs change), check each layer rule's and module-local path's
+            Σ_k g_k against autograd's batch gradient, computed in the same backward; a
+            module that does not match (a weight also used outside its module, a hook that
+            changes the output, a subclass with another forward) moves to the next exact path,
+            with a warning. Costs one weight-gradient backward per pass; False skips it.
         sync: under torch.distributed (initialized, more than one rank), `consolidate()`
             all-reduces the task's importance sums and sample counts, so every rank holds the
             Ω of the union of all ranks' data; every rank must then call `consolidate()`.
@@ -164,7 +170,7 @@ class MAS:
     def __init__(self, model: nn.Module, lambda_: float = 1.0, mode: str = "per_sample",
                  merge: str = "sum", alpha: float = 0.5,
                  output_fn: Optional[Callable[[Any], Tensor]] = None, backend: str = "auto",
-                 sync: bool = True) -> None:
+                 sync: bool = True, verify: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _check_config(lambda_, mode, merge, alpha)
@@ -172,9 +178,13 @@ class MAS:
             raise TypeError(f"output_fn must be callable or None, got {type(output_fn).__name__}")
         if not isinstance(sync, bool):
             raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
         distributed.check_unsharded(model)
         self.model = unwrap(model)
         self.sync = sync
+        self.verify = verify
+        self._engine = ImportanceState()  # demotions, warnings and coverage of this instance
         self.lambda_ = float(lambda_)
         self.mode = mode
         self.merge = merge
@@ -201,7 +211,7 @@ class MAS:
         union.comp = {n: torch.zeros_like(t) for n, t in union.mean.items()}
         return union
 
-    def _accumulate_into(self, task: _TaskImportance, x: Any) -> int:
+    def _accumulate_into(self, task: _TaskImportance, x: Any, engine: Optional[ImportanceState] = None) -> int:
         params = self._trainable()
         if task.count and set(params) != set(task.mean):
             added, removed = sorted(set(params) - set(task.mean)), sorted(set(task.mean) - set(params))
@@ -210,7 +220,9 @@ class MAS:
         reshaped = _shape_changes(task.mean, params)
         if reshaped:
             raise ValueError("parameters changed shape during the task: " + "; ".join(reshaped))
-        sums, n = batch_importance(self.model, x, params, self.mode, self.output_fn, self.backend)
+        engine = engine if engine is not None else self._engine
+        sums, n = batch_importance(self.model, x, params, self.mode, self.output_fn, self.backend,
+                                   verify=self.verify, state=engine)
         task.add(sums, n, self.backend)
         return n
 
@@ -236,8 +248,10 @@ class MAS:
 
             _check_loader(loader)
             task = task.copy() if task.count else _TaskImportance()
+            engine = self._engine.copy()  # committed with the rest of the state
+            engine.new_pass()
             for batch in tqdm(loader, desc="MAS importance", disable=not progress, leave=False):
-                self._accumulate_into(task, batch_input(batch))
+                self._accumulate_into(task, batch_input(batch), engine)
         task = self._synced(task)
         if task.count == 0:
             raise ValueError("nothing to consolidate: the loader yielded no samples"
@@ -254,6 +268,9 @@ class MAS:
         theta_star = {n: named[n].detach().to(acc_dtype(named[n].dtype), copy=True) for n in omega}
         self._omega, self._theta_star = omega, theta_star
         self._task = _TaskImportance()
+        if loader is not None:
+            self._engine = engine
+        self._engine.new_pass()  # the next task's first batch is verified again
         self.num_tasks += 1
 
     def _merged(self, task_omega: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -268,6 +285,24 @@ class MAS:
         if untouched and a != 1.0:  # absent from this task: Ω_task = 0 there
             torch._foreach_mul_([merged[n] for n in untouched], a)
         return merged
+
+    def coverage(self, x: Any = None) -> dict[str, str]:
+        """Which path computed each trainable parameter's importance in the last pass:
+        "rule" (the layer's closed form), "module-local" (the per-sample VJP of its module
+        alone) or "whole-model" (the torch.func fallback); "batch" in mode="batch".
+
+        With `x`, first runs a dry importance pass on that batch (nothing of the MAS state
+        changes). Raises ValueError before any pass when `x` is not given.
+        """
+        if x is None:
+            if not self._engine.coverage:
+                raise ValueError("no importance pass has run yet: call coverage(x) with a batch, or "
+                                 "accumulate()/consolidate() first")
+            return dict(self._engine.coverage)
+        engine = self._engine.copy()
+        engine.new_pass()
+        self._accumulate_into(_TaskImportance(), x, engine)
+        return dict(engine.coverage)
 
     # ------------------------------------------------------------------ penalty
 

@@ -92,13 +92,18 @@ def _one_pass(model, x, params, sites, objective, of_output, backend, batch, sta
     signed: dict[str, Tensor] = {}
     check = {"now": False, "autocast": False, "structure": (), "ruled": set()}
 
+    crashed: dict[int, tuple[Site, str]] = {}
+
     def apply_rule(site: Site, delta: Any) -> None:
         wanted = frozenset(site.params)
-        for attr, value in site.rule(site.module, site.x, delta, wanted, backend).items():
-            sums[site.params[attr]] = value
-        if check["now"]:
-            for attr, value in site.rule.signed(site.module, site.x, delta, wanted, backend).items():
-                signed[site.params[attr]] = value
+        try:
+            values = site.rule(site.module, site.x, delta, wanted, backend)
+            values_signed = site.rule.signed(site.module, site.x, delta, wanted, backend) if check["now"] else {}
+        except RuntimeError as e:  # shapes the rule did not expect: it does not describe this layer
+            crashed[id(site)] = (site, f"its rule cannot process the captured tensors ({e})")
+            return
+        sums.update({site.params[attr]: v for attr, v in values.items()})
+        signed.update({site.params[attr]: v for attr, v in values_signed.items()})
 
     def wanted(total: Tensor) -> dict[str, Tensor]:
         for s in sites:  # a ruled module called several times: its calls need the module-local path
@@ -115,6 +120,10 @@ def _one_pass(model, x, params, sites, objective, of_output, backend, batch, sta
         return {n: params[n] for n in dict.fromkeys(names)}
 
     grads = run_and_stream(sites, objective, apply_rule, wanted)
+    for site, reason in crashed.values():
+        state.demote(site.path, site.module, MODULE_LOCAL, reason)
+    if crashed:
+        raise _Demoted
     ruled = [s for s in sites if id(s) in check["ruled"]]
     coverage = {n: RULE for s in sites if s.rule is not None for n in s.params.values()}
     whole: dict[str, Site] = {}
