@@ -7,6 +7,7 @@ Every public method validates first and mutates last, so a failure leaves the st
 """
 from __future__ import annotations
 
+import functools
 import math
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -103,6 +104,16 @@ def _as_model_names(stored: Mapping[str, Tensor], named: Mapping[str, Tensor]) -
     prefix = "module."
     return {n[len(prefix):] if n not in named and n.startswith(prefix) and n[len(prefix):] in named else n: t
             for n, t in stored.items()}
+
+
+def _normal_tensors(method: Callable) -> Callable:
+    """Run `method` outside torch.inference_mode(): the state it creates (Ω, θ*, running
+    means) must be normal tensors, usable later by the penalty's autograd graph."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return method(*args, **kwargs)
+    return wrapper
 
 
 class _TaskImportance:
@@ -226,6 +237,7 @@ class MAS:
         task.add(sums, n, self.backend)
         return n
 
+    @_normal_tensors
     def accumulate(self, x: Any) -> int:
         """Add one unlabeled batch to the current task's running Ω; returns its sample count.
 
@@ -234,6 +246,7 @@ class MAS:
         """
         return self._accumulate_into(self._task, x)
 
+    @_normal_tensors
     def consolidate(self, loader: Optional[Iterable] = None, progress: bool = True) -> None:
         """End the current task: merge its Ω into the total and snapshot θ*.
 
@@ -286,6 +299,7 @@ class MAS:
             torch._foreach_mul_([merged[n] for n in untouched], a)
         return merged
 
+    @_normal_tensors
     def coverage(self, x: Any = None) -> dict[str, str]:
         """Which path computed each trainable parameter's importance in the last pass:
         "rule" (the layer's closed form), "module-local" (the per-sample VJP of its module
