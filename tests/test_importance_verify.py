@@ -218,3 +218,47 @@ def test_warning_names_path_class_and_reason():
 def test_verify_must_be_a_bool():
     with pytest.raises(TypeError, match="verify"):
         MAS(nn.Linear(2, 2), verify="yes")
+
+
+def _local(model, x, verify=True):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return batch_importance(model, x, dict(model.named_parameters()), "local", verify=verify)[0]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_local_mode_is_each_modules_own_output(name, monkeypatch):
+    """mode='local': Σ_k |∂‖Y_k‖²/∂θ| of each module's own output Y as it ran (hooks included),
+    w.r.t. its own parameters — the rules must agree with the module's own per-sample
+    gradient, which is that definition written with torch.func."""
+    import mas_fast.importance.rules as rules
+
+    model, x = build(name)
+    got = _local(model, x)
+    monkeypatch.setattr(rules, "_RULES", [])
+    expected = _local(model, x)
+    for n, e in expected.items():
+        assert_rel(got[n], e, 1e-6, n)
+
+
+def test_local_mode_without_verification_trusts_the_rule():
+    """Guards the test above: the hooked layer's rule alone is off by the hook's factor."""
+    import mas_fast.importance.rules as rules
+
+    model, x = build("hook-changes-output")
+    got = _local(model, x, verify=False)
+    rules_before = rules._RULES
+    try:
+        rules._RULES = []
+        expected = _local(model, x)
+    finally:
+        rules._RULES = rules_before
+    assert_rel(got["0.weight"] * 3, expected["0.weight"], 1e-9, "0.weight")
+
+
+def test_local_mode_refuses_tied_weights_naming_the_module():
+    from test_importance_paths import TiedLM
+
+    model, x = TiedLM().double(), torch.randint(0, 23, (4, 5))
+    with pytest.raises(ValueError, match=r"wte \(torch\.nn\.modules\.sparse\.Embedding\).*use mode='per_sample'"):
+        batch_importance(model, x, dict(model.named_parameters()), "local")

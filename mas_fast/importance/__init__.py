@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .capture import Site, eval_mode, hooked, without_autocast
-from .fallback import module_local, squared_norm
+from .capture import Site, eval_mode
+from .fallback import squared_norm
+from .local_mode import local_sums
 from .per_sample import per_sample_sums
 from .rules import rule_for
 from .state import MODULE_LOCAL, RULE, WHOLE_MODEL, ImportanceState, describe
@@ -122,35 +123,6 @@ def _batch(model, x, params, output_fn, batch, state: ImportanceState) -> dict[s
     return {n: g.to(acc_dtype(g.dtype)).abs() for n, g in zip(params, grads) if g is not None}
 
 
-def _local(model, x, params, output_fn, backend, batch, state: ImportanceState) -> dict[str, Tensor]:
-    sites = sites_of(model, params, "local", batch)
-    state.coverage = {}
-    with hooked(sites), torch.no_grad():
-        output_tensor(model(x), output_fn, batch)
-    sums: dict[str, Tensor] = {}
-    for s in sites:
-        wanted = frozenset(s.params)
-        values, path = {}, RULE if s.rule is not None else MODULE_LOCAL
-        if s.ruled:
-            doubled = tuple(2 * t if isinstance(t, Tensor) else None for t in
-                            (s.y if isinstance(s.y, tuple) else (s.y,)))  # Δ = 2Y: ∂‖Y‖²/∂Y
-            with without_autocast(doubled[0].device):
-                values = s.rule(s.module, s.x, doubled if s.needs_call else s.samples_first(doubled[0]),
-                                wanted, backend)
-        if s.calls and set(values) != wanted:  # no rule, or one that does not know these parameters
-            if s.rule is None or s.calls > 1 or s.unmatched is not None:
-                reason = f"no exact rule for {type(s.module).__name__} in mode='local'"
-            else:
-                reason = f"its rule does not compute {', '.join(sorted(wanted - set(values)))}"
-            state.warn(s.path, s.module, reason, MODULE_LOCAL)
-            values = module_local(s.module, s.call_args, {a: s.module.get_parameter(a) for a in wanted}, batch)
-            path = MODULE_LOCAL
-        sums.update({s.params[a]: v for a, v in values.items()})
-        state.coverage.update({n: path for n in s.params.values()})
-        s.release()
-    return sums
-
-
 def _outside_inference_mode(x: Any, params: dict[str, Tensor]) -> Any:
     """`x` usable by autograd: inference tensors (made under torch.inference_mode) are copied
     into normal ones. Parameters that are inference tensors cannot be differentiated at all."""
@@ -190,7 +162,9 @@ def batch_importance(model: nn.Module, x: Any, params: dict[str, Tensor], mode: 
         elif mode == "batch":
             sums = _batch(model, x, params, output_fn, batch, state)
         else:
-            sums = _local(model, x, params, output_fn, backend, batch, state)
+            sites = sites_of(model, params, "local", batch)
+            sums = local_sums(sites, lambda: output_tensor(model(x), output_fn, batch), backend, batch, state,
+                              verify)
     result = {n: sums[n] if n in sums else _zeros(p) for n, p in params.items()}
     peaks = [v.amax() for v in result.values() if v.numel()]
     if peaks and not bool(torch.isfinite(torch.stack([p.to(torch.float64) for p in peaks])).all()):

@@ -68,7 +68,8 @@ def _tapped(anchor: Tensor, receive: Callable[[tuple], None], outputs: list) -> 
     return new
 
 
-def _detached(tree: Any) -> Any:
+def detached(tree: Any) -> Any:
+    """`tree` with every tensor leaf detached from the graph."""
     return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
 
@@ -119,7 +120,7 @@ class Site:
             self.unmatched = tuple(first.shape)
             return None
         self.bdim = dims[0]
-        self.x = _detached((args, kwargs)) if self.needs_call else self.samples_first(first.detach())
+        self.x = detached((args, kwargs)) if self.needs_call else self.samples_first(first.detach())
         self.y = output
         if self.anchor is None:
             return None
@@ -134,7 +135,7 @@ class Site:
             self.unbatched = tuple(unbatched)
         if self.anchor is None or self.unbatched is not None:
             return None
-        record = (_detached((args, kwargs)), [None] * len(leaves))
+        record = (detached((args, kwargs)), [None] * len(leaves))
         self.local_calls.append(record)
 
         def receive(where: list, deltas: tuple) -> None:
