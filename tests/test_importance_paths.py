@@ -249,3 +249,64 @@ def test_no_fallback_for_plain_models():
         warnings.simplefilter("ignore")
         cov = MAS(model).coverage(x)
     assert cov["1.gain"] == "module-local" and cov["0.net.0.weight"] == "rule"
+
+
+class Positions(nn.Module):
+    """HF-style position ids of shape (1, T) into an Embedding, while the batch has B samples."""
+
+    def __init__(self, reduce_positions: bool = False):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(20, 6), nn.Embedding(8, 6), nn.Linear(6, 3)
+        self.reduce_positions = reduce_positions
+
+    def forward(self, tokens):
+        p = self.pos(torch.arange(tokens.shape[1]).unsqueeze(0))
+        if self.reduce_positions:  # depends on dimension 0 being 1: expansion would change F
+            p = p.sum(0, keepdim=True)
+        return self.head(torch.tanh(self.tok(tokens) + p)).mean(1)
+
+
+def test_broadcast_input_is_expanded_to_the_batch():
+    torch.manual_seed(0)
+    model, x = Positions().double(), torch.randint(0, 20, (B, 7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # served by its rule: nothing to report
+        sums, state = per_sample_warn(model, x)
+    assert_oracle(model, x, sums)
+    assert state.coverage["pos.weight"] == "rule"
+
+
+def test_expansion_that_changes_the_output_is_undone():
+    torch.manual_seed(0)
+    model, x = Positions(reduce_positions=True).double(), torch.randint(0, 20, (B, 7))
+    with pytest.warns(UserWarning, match=r"pos \(.*Embedding\): expanding its output to the batch changes"):
+        sums, state = per_sample_warn(model, x)
+    assert_oracle(model, x, sums)
+    assert state.coverage["pos.weight"] == "whole-model" and "pos" in state.no_expand
+
+
+class BroadcastTable(nn.Module):
+    """A custom layer returning a (1, T, D) table: module-local once expanded to the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(1, 4, 3))
+
+    def forward(self, x):
+        return torch.tanh(self.table) * 2
+
+
+def test_broadcast_output_of_a_custom_layer():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t, self.lin = BroadcastTable(), nn.Linear(3, 2)
+
+        def forward(self, x):  # (B, 4, 3)
+            return self.lin(x * self.t(x)).mean(1)
+
+    torch.manual_seed(0)
+    model, x = Model().double(), torch.randn(B, 4, 3, dtype=torch.float64)
+    sums, state = per_sample(model, x)
+    assert_oracle(model, x, sums)
+    assert state.coverage["t.table"] == "module-local"

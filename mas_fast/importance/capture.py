@@ -95,6 +95,10 @@ class Site:
     # dimension 0 is not the batch (the per-sample VJP cannot split them)
     local_calls: list = field(default_factory=list)
     unbatched: Optional[tuple] = None
+    # per_sample capture: an output whose sample dimension has size 1 (position ids of shape
+    # (1, T)) may be expanded to the batch, so that each sample gets its own Δ
+    may_expand: bool = False
+    expanded: bool = False
     # per_sample capture: Δ goes to on_delta(site, Δ) during the backward of the anchor
     anchor: Optional[Tensor] = None
     on_delta: Optional[Callable[["Site", Any], None]] = None
@@ -115,6 +119,10 @@ class Site:
             return None
         first = args[0]
         dims = [d for d in self.rule.sample_dims(module, first) if first.shape[d] == self.batch]
+        if not dims and not self.needs_call and self._broadcast(first, outputs[0]) and \
+                0 in self.rule.sample_dims(module, first):
+            first, outputs = self._expand(first), (self._expand(outputs[0]),)
+            output, dims = outputs[0], [0]
         if len(dims) != 1:  # which dimension holds the samples is unknown: fallback
             self.x = self.y = None
             self.unmatched = tuple(first.shape)
@@ -127,8 +135,21 @@ class Site:
         new = _tapped(self.anchor, lambda _, deltas: self.deliver(deltas), list(outputs))
         return tuple(new) if self.needs_call and isinstance(output, tuple) else new[0]
 
+    def _broadcast(self, *tensors: Tensor) -> bool:
+        """True when the tensors have size 1 where the batch's samples would be (dimension 0)
+        and expanding them is allowed: the output is then only broadcast against batched tensors."""
+        return self.may_expand and self.anchor is not None and self.batch > 1 and \
+            all(t.dim() > 0 and t.shape[0] == 1 for t in tensors)
+
+    def _expand(self, t: Tensor) -> Tensor:
+        self.expanded = True
+        return t.expand(self.batch, *t.shape[1:])
+
     def _local_hook(self, args: tuple, kwargs: dict, output: Any) -> Any:
         leaves, spec = tree_flatten(output)
+        grads = [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
+        if grads and all(t.dim() > 0 and t.shape[0] != self.batch for t in grads) and self._broadcast(*grads):
+            leaves = [self._expand(t) if isinstance(t, Tensor) and t.requires_grad else t for t in leaves]
         unbatched = [tuple(t.shape) for t in leaves if isinstance(t, Tensor) and t.requires_grad
                      and (t.dim() == 0 or t.shape[0] != self.batch)]
         if unbatched:

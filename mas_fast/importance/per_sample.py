@@ -78,13 +78,26 @@ def per_sample_sums(model: nn.Module, x: Any, params: dict[str, Tensor], sites_f
     """
     while True:
         sites = sites_for()
+        for s in sites:
+            s.may_expand = s.path not in state.no_expand
         try:
             return _one_pass(model, x, params, sites, objective, of_output, backend, batch, state, verify)
         except _Demoted:
             continue
+        except Exception as e:  # noqa: BLE001 — retried once without the expansions, else raised
+            expanded = [s for s in sites if s.expanded]
+            if not expanded:
+                raise
+            _no_expansion(expanded, state, f"the forward failed with its output expanded to the batch ({e!r})")
         finally:
             for s in sites:
                 s.release()
+
+
+def _no_expansion(sites: list[Site], state: ImportanceState, reason: str) -> None:
+    for s in sites:
+        state.no_expand.add(s.path)
+        state.warn(s.path, s.module, reason, WHOLE_MODEL)
 
 
 def _one_pass(model, x, params, sites, objective, of_output, backend, batch, state, verify) -> dict[str, Tensor]:
@@ -110,6 +123,9 @@ def _one_pass(model, x, params, sites, objective, of_output, backend, batch, sta
             if s.rule is not None and s.calls > 1:
                 state.demote(s.path, s.module, MODULE_LOCAL, f"called {s.calls} times in one forward")
                 raise _Demoted
+        expanded = [s for s in sites if s.expanded]
+        if expanded and verify and state.needs_verification(_structure(sites)):
+            _check_expansion(expanded, objective, total, state)
         check["structure"] = _structure(sites)
         check["ruled"] = {id(s) for s in sites if s.ruled}  # captures are released by the backward
         check["now"] = verify and state.needs_verification(check["structure"])
@@ -158,6 +174,19 @@ def _one_pass(model, x, params, sites, objective, of_output, backend, batch, sta
     coverage.update({n: WHOLE_MODEL for n in whole if n in used or n not in coverage})
     state.coverage = coverage
     return sums
+
+
+def _check_expansion(expanded: list[Site], objective: Callable[[], Tensor], total: Tensor,
+                     state: ImportanceState) -> None:
+    """Outputs with a size-1 sample dimension were expanded to the batch: the objective must be
+    what a plain forward gives (it is when they are only broadcast against batched tensors)."""
+    with torch.no_grad():
+        plain = objective()
+    rtol = tolerance([total.dtype])
+    if (plain - total.detach()).abs().item() > rtol * max(plain.abs().item(), total.abs().item()):
+        _no_expansion(expanded, state, f"expanding its output {'' if len(expanded) == 1 else '(or another one) '}"
+                                       "to the batch changes the model's output")
+        raise _Demoted
 
 
 def _verify(ruled: list[Site], local: list[Site], params: dict[str, Tensor], signed: dict[str, Tensor],

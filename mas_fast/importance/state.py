@@ -31,6 +31,7 @@ class ImportanceState:
     def __init__(self) -> None:
         self.levels: dict[str, str] = {}        # module path → demoted path (absent: best available)
         self.verified_on: Optional[tuple] = None  # the structure the current pass was verified on
+        self.no_expand: set[str] = set()        # modules whose size-1 sample dimension must not be expanded
         self.warned: set[tuple[str, str]] = set()
         self.coverage: dict[str, str] = {}
 
