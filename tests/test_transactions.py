@@ -16,7 +16,7 @@ from mas_fast import MAS
 from models import Scale
 from state_checks import assert_same_flags, assert_same_state, model_flags, perturb, snapshot
 
-pytestmark = pytest.mark.filterwarnings("ignore:mas_fast.*fallback")
+pytestmark = pytest.mark.filterwarnings("ignore:mas_fast.*its parameters use the")
 
 
 class _FailInBackward(torch.autograd.Function):

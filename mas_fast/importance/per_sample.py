@@ -40,13 +40,15 @@ def _structure(sites: list[Site]) -> tuple:
     return tuple(signature(s) for s in sites if s.calls)
 
 
-def _rtol(site: Site, params: dict[str, Tensor], grads: dict[str, Any], autocast: bool) -> float:
+def _autocast_dtypes() -> list[torch.dtype]:
+    """The dtypes an ambient torch.autocast runs the forward in (none when it is off)."""
+    return [torch.get_autocast_dtype(d) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+
+
+def _rtol(site: Site, params: dict[str, Tensor], grads: dict[str, Any], autocast: list) -> float:
     dtypes = [params[n].dtype for n in site.params.values()]
     dtypes += [g.dtype for n in site.params.values() if (g := grads.get(n)) is not None]
-    if autocast:
-        dtypes.append(torch.get_autocast_dtype("cuda" if torch.cuda.is_available() else "cpu"))
-        dtypes.append(torch.get_autocast_dtype("cpu"))
-    return tolerance(dtypes)
+    return tolerance(dtypes + autocast)
 
 
 def _usable_locally(site: Site) -> bool:
@@ -103,7 +105,7 @@ def _no_expansion(sites: list[Site], state: ImportanceState, reason: str) -> Non
 def _one_pass(model, x, params, sites, objective, of_output, backend, batch, state, verify) -> dict[str, Tensor]:
     sums: dict[str, Tensor] = {}
     signed: dict[str, Tensor] = {}
-    check = {"now": False, "autocast": False, "structure": (), "ruled": set()}
+    check = {"now": False, "autocast": [], "structure": (), "ruled": set()}
 
     crashed: dict[int, tuple[Site, str]] = {}
 
@@ -129,7 +131,7 @@ def _one_pass(model, x, params, sites, objective, of_output, backend, batch, sta
         check["structure"] = _structure(sites)
         check["ruled"] = {id(s) for s in sites if s.ruled}  # captures are released by the backward
         check["now"] = verify and state.needs_verification(check["structure"])
-        check["autocast"] = torch.is_autocast_enabled()
+        check["autocast"] = _autocast_dtypes()
         names = [n for s in sites if not (s.ruled or _usable_locally(s)) for n in s.params.values()]
         if check["now"]:
             names += [n for s in sites if s.ruled or _usable_locally(s) for n in s.params.values()]
@@ -190,7 +192,7 @@ def _check_expansion(expanded: list[Site], objective: Callable[[], Tensor], tota
 
 
 def _verify(ruled: list[Site], local: list[Site], params: dict[str, Tensor], signed: dict[str, Tensor],
-            grads: dict, autocast: bool, state: ImportanceState) -> None:
+            grads: dict, autocast: list, state: ImportanceState) -> None:
     """Demote every site whose Σ_k g_k disagrees with autograd (then compute the batch again)."""
     failed = False
     local_groups = groups(local)
