@@ -310,3 +310,50 @@ def test_broadcast_output_of_a_custom_layer():
     sums, state = per_sample(model, x)
     assert_oracle(model, x, sums)
     assert state.coverage["t.table"] == "module-local"
+
+
+class RowZero(nn.Module):
+    """A (1, D) parameter read as row 0: a per-sample proxy would credit every sample to row 0."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.row = nn.Parameter(torch.randn(1, d))
+        self.lin = nn.Linear(d, 2)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(x + self.row[0]))
+
+
+def _two_batch_pass(model, batches):
+    mas = MAS(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mas.consolidate(batches, progress=False)
+    n = sum(b.shape[0] for b in batches)
+    expected = {}
+    for b in batches:
+        for k, v in oracle_per_sample(model, b).items():
+            expected[k] = expected.get(k, 0) + v
+    for k, e in expected.items():
+        scale = max(e.abs().max().item(), 1e-30)
+        assert (mas.importance[k].double() * n - e).abs().max().item() <= 1e-6 * scale, k
+    return mas
+
+
+def test_container_parameters_get_per_sample_proxies_after_a_check():
+    """First batch: the container's module-local path, compared with the proxy; later batches:
+    the proxy alone (the container is not re-run per sample)."""
+    torch.manual_seed(0)
+    model = ClsToken().double()
+    batches = [torch.randn(B, 4, 3, dtype=torch.float64) for _ in range(3)]
+    mas = _two_batch_pass(model, batches)
+    assert mas._engine.proxy_ok == {"cls_token", "pos_embed"}
+    assert mas.coverage()["cls_token"] == mas.coverage()["pos_embed"] == "rule"
+
+
+def test_a_proxy_that_does_not_split_the_samples_is_refused():
+    torch.manual_seed(0)
+    model = RowZero().double()
+    batches = [torch.randn(B, 6, dtype=torch.float64) for _ in range(2)]
+    mas = _two_batch_pass(model, batches)
+    assert mas._engine.no_proxy == {"row"} and mas.coverage()["row"] == "module-local"

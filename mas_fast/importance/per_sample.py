@@ -14,7 +14,7 @@ and the batch is computed again: the cost of a demotion is paid once per instanc
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -22,6 +22,7 @@ import torch.nn as nn
 from .capture import Site, run_and_stream
 from .fallback import model_per_sample
 from .local_vjp import group_sums, groups
+from .proxies import Proxy, proxies_for, proxy_sums, substituted
 from .state import MODULE_LOCAL, RULE, WHOLE_MODEL, ImportanceState
 from .verify import mismatch, tolerance
 
@@ -103,6 +104,15 @@ def _no_expansion(sites: list[Site], state: ImportanceState, reason: str) -> Non
 
 
 def _one_pass(model, x, params, sites, objective, of_output, backend, batch, state, verify) -> dict[str, Tensor]:
+    proxies = proxies_for(sites, params, batch, state.proxy_ok, state.no_proxy, verify)
+    sites = [s for s in sites if s.params]  # containers whose parameters all have proxies
+    checking = [p for p in proxies if p.checking]
+    plain_objective = objective
+
+    def objective() -> Tensor:
+        with substituted(proxies):
+            return plain_objective()
+
     sums: dict[str, Tensor] = {}
     signed: dict[str, Tensor] = {}
     check = {"now": False, "autocast": [], "structure": (), "ruled": set()}
@@ -126,8 +136,8 @@ def _one_pass(model, x, params, sites, objective, of_output, backend, batch, sta
                 state.demote(s.path, s.module, MODULE_LOCAL, f"called {s.calls} times in one forward")
                 raise _Demoted
         expanded = [s for s in sites if s.expanded]
-        if expanded and verify and state.needs_verification(_structure(sites)):
-            _check_expansion(expanded, objective, total, state)
+        if (expanded and verify and state.needs_verification(_structure(sites))) or checking:
+            _check_substitutions(expanded, checking, plain_objective, total, state)
         check["structure"] = _structure(sites)
         check["ruled"] = {id(s) for s in sites if s.ruled}  # captures are released by the backward
         check["now"] = verify and state.needs_verification(check["structure"])
@@ -135,15 +145,22 @@ def _one_pass(model, x, params, sites, objective, of_output, backend, batch, sta
         names = [n for s in sites if not (s.ruled or _usable_locally(s)) for n in s.params.values()]
         if check["now"]:
             names += [n for s in sites if s.ruled or _usable_locally(s) for n in s.params.values()]
-        return {n: params[n] for n in dict.fromkeys(names)}
+        return {**{n: params[n] for n in dict.fromkeys(names)}, **{f"proxy {p.name}": p.tensor for p in proxies}}
 
     grads = run_and_stream(sites, objective, apply_rule, wanted)
+    proxied = {p.name: proxy_sums(p, grads.pop(f"proxy {p.name}")) for p in proxies}
+    for p in proxies:
+        if p.checking:  # the proxy's batch gradient is autograd's gradient of the parameter
+            grads[p.name] = proxied[p.name][1]
+        else:
+            sums[p.name], signed[p.name] = proxied[p.name]
     for site, reason in crashed.values():
         state.demote(site.path, site.module, MODULE_LOCAL, reason)
     if crashed:
         raise _Demoted
     ruled = [s for s in sites if id(s) in check["ruled"]]
     coverage = {n: RULE for s in sites if s.rule is not None for n in s.params.values()}
+    coverage.update({p.name: RULE for p in proxies if not p.checking})
     whole: dict[str, Site] = {}
     for group in groups([s for s in sites if s.local]):
         names = {n for s in group for n in s.params.values()}
@@ -164,6 +181,8 @@ def _one_pass(model, x, params, sites, objective, of_output, backend, batch, sta
     for s in sites:
         if not s.local and id(s) not in check["ruled"]:
             whole.update({n: s for n in s.params.values()})
+    for p in checking:
+        _check_proxy(p, proxied[p.name][0], sums.get(p.name), state)
     if check["now"]:
         _verify(ruled, [s for s in sites if _usable_locally(s)], params, signed, grads, check["autocast"], state)
         state.verified_on = check["structure"]
@@ -178,17 +197,34 @@ def _one_pass(model, x, params, sites, objective, of_output, backend, batch, sta
     return sums
 
 
-def _check_expansion(expanded: list[Site], objective: Callable[[], Tensor], total: Tensor,
-                     state: ImportanceState) -> None:
-    """Outputs with a size-1 sample dimension were expanded to the batch: the objective must be
-    what a plain forward gives (it is when they are only broadcast against batched tensors)."""
+def _check_substitutions(expanded: list[Site], checking: list[Proxy], objective: Callable[[], Tensor],
+                         total: Tensor, state: ImportanceState) -> None:
+    """Outputs expanded to the batch and proxies in place of parameters must leave the objective
+    as a plain forward computes it (they do when only broadcast against batched tensors)."""
     with torch.no_grad():
         plain = objective()
     rtol = tolerance([total.dtype])
-    if (plain - total.detach()).abs().item() > rtol * max(plain.abs().item(), total.abs().item()):
+    if (plain - total.detach()).abs().item() <= rtol * max(plain.abs().item(), total.abs().item()):
+        return
+    if expanded:
         _no_expansion(expanded, state, f"expanding its output {'' if len(expanded) == 1 else '(or another one) '}"
                                        "to the batch changes the model's output")
-        raise _Demoted
+    for p in checking:
+        state.no_proxy.add(p.name)
+        state.warn(p.site.path, p.site.module, f"a per-sample proxy for {p.attr} changes the model's output",
+                   MODULE_LOCAL)
+    raise _Demoted
+
+
+def _check_proxy(p: Proxy, from_proxy: Tensor, exact: Optional[Tensor], state: ImportanceState) -> None:
+    """Accept a proxy for the instance when its Σ_k |g_k| equals the module-local path's."""
+    exact = exact if exact is not None else torch.zeros_like(from_proxy)
+    if mismatch(from_proxy, exact, tolerance([p.tensor.dtype])) is None:
+        state.proxy_ok.add(p.name)
+    else:
+        state.no_proxy.add(p.name)
+        state.warn(p.site.path, p.site.module, f"a per-sample proxy for {p.attr} does not give each sample's "
+                   "gradient (its rows are not used one per sample)", MODULE_LOCAL)
 
 
 def _verify(ruled: list[Site], local: list[Site], params: dict[str, Tensor], signed: dict[str, Tensor],

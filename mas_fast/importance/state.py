@@ -32,6 +32,8 @@ class ImportanceState:
         self.levels: dict[str, str] = {}        # module path → demoted path (absent: best available)
         self.verified_on: Optional[tuple] = None  # the structure the current pass was verified on
         self.no_expand: set[str] = set()        # modules whose size-1 sample dimension must not be expanded
+        self.proxy_ok: set[str] = set()         # parameters whose per-sample proxy matched the exact path
+        self.no_proxy: set[str] = set()         # parameters whose proxy did not
         self.warned: set[tuple[str, str]] = set()
         self.coverage: dict[str, str] = {}
 
