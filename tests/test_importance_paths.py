@@ -357,3 +357,19 @@ def test_a_proxy_that_does_not_split_the_samples_is_refused():
     batches = [torch.randn(B, 6, dtype=torch.float64) for _ in range(2)]
     mas = _two_batch_pass(model, batches)
     assert mas._engine.no_proxy == {"row"} and mas.coverage()["row"] == "module-local"
+
+
+def test_tied_weights_never_hold_per_sample_gradients_of_the_whole_batch(monkeypatch):
+    """Σ_k |g_k| of a tied (V, d) weight in chunks of samples: no B × V × d tensor."""
+    from memory_tracking import AllocationRecorder
+
+    torch.manual_seed(0)
+    vocab, d, batch = 300, 16, 32
+    model, x = TiedLM(vocab, d).double(), torch.randint(0, vocab, (batch, 5))
+    state = ImportanceState()
+    per_sample(model, x, state)  # verified first batch, outside the recorded region
+    monkeypatch.setenv("MAS_FAST_CHUNK_ELEMENTS", str(4 * vocab * d))
+    with AllocationRecorder() as rec:
+        per_sample(model, x, state)
+    bound = max(4 * vocab * d, batch * 5 * vocab) * 8  # a chunk's gradients, or the logits
+    assert rec.largest_bytes <= bound < batch * vocab * d * 8, rec.largest_op

@@ -64,9 +64,7 @@ def _whole_model_reason(site: Site) -> str:
     if site.unbatched is not None:
         return (f"its outputs {', '.join(map(str, site.unbatched))} do not have the batch's samples in "
                 "dimension 0")
-    if site.local and site.calls == 0:
-        return "its parameters are used outside its own forward"
-    return "it was demoted from the module-local path"
+    return "its parameters are used outside its own forward"
 
 
 def per_sample_sums(model: nn.Module, x: Any, params: dict[str, Tensor], sites_for: Callable[[], list[Site]],
@@ -188,7 +186,8 @@ def _one_pass(model, x, params, sites, objective, of_output, backend, batch, sta
         state.verified_on = check["structure"]
     used = {n: s for n, s in whole.items() if grads.get(n) is not None}
     for n, s in used.items():
-        state.warn(s.path, s.module, _whole_model_reason(s), WHOLE_MODEL)
+        if state.levels.get(s.path) != WHOLE_MODEL:  # a demotion was reported when it happened
+            state.warn(s.path, s.module, _whole_model_reason(s), WHOLE_MODEL)
     if used:
         sums.update(model_per_sample(model, x, {n: params[n] for n in used},
                                      lambda out, _: of_output(out), batch))
