@@ -3,8 +3,10 @@
 Each module holding trainable parameters is served by the fastest path that describes it:
 
 1. its rule (closed form on the captured input X and output gradient Δ);
-2. the module-local path (the per-sample VJP of that module alone, module_local.py) for
-   a module without a rule, called several times, or holding a shared parameter;
+2. the module-local path (the per-sample VJP of that module alone, local_vjp.py) for
+   a module without a rule, called several times, or holding a shared parameter (and
+   per-sample proxies for parameters a container uses with a leading dimension of 1,
+   proxies.py);
 3. the whole-model torch.func fallback, when nothing above can serve.
 
 When the pass is verified (ImportanceState.needs_verification), the backward also returns
@@ -102,98 +104,127 @@ def _no_expansion(sites: list[Site], state: ImportanceState, reason: str) -> Non
 
 
 def _one_pass(model, x, params, sites, objective, of_output, backend, batch, state, verify) -> dict[str, Tensor]:
-    proxies = proxies_for(sites, params, batch, state.proxy_ok, state.no_proxy, verify)
-    sites = [s for s in sites if s.params]  # containers whose parameters all have proxies
-    checking = [p for p in proxies if p.checking]
-    plain_objective = objective
+    return _BatchPass(model, x, params, sites, objective, of_output, backend, batch, state, verify).run()
 
-    def objective() -> Tensor:
-        with substituted(proxies):
-            return plain_objective()
 
-    sums: dict[str, Tensor] = {}
-    signed: dict[str, Tensor] = {}
-    check = {"now": False, "autocast": [], "structure": (), "ruled": set()}
+class _BatchPass:
+    """One forward and backward over a batch with a fixed assignment of paths to modules."""
 
-    crashed: dict[int, tuple[Site, str]] = {}
+    def __init__(self, model, x, params, sites, objective, of_output, backend, batch, state, verify) -> None:
+        self.model, self.x, self.params, self.of_output = model, x, params, of_output
+        self.backend, self.batch, self.state, self.verify = backend, batch, state, verify
+        self.plain_objective = objective
+        self.proxies = proxies_for(sites, params, batch, state.proxy_ok, state.no_proxy, verify)
+        self.checking = [p for p in self.proxies if p.checking]
+        self.sites = [s for s in sites if s.params]  # containers whose parameters all have proxies
+        self.sums: dict[str, Tensor] = {}
+        self.signed: dict[str, Tensor] = {}     # Σ_k g_k, on a verified batch
+        self.crashed: list[tuple[Site, str]] = []
+        # decided after the forward, before the backward:
+        self.verifying, self.autocast, self.structure = False, [], ()
+        self.ruled: list[Site] = []             # sites their rule serves (captures go with the backward)
 
-    def apply_rule(site: Site, delta: Any) -> None:
+    def objective(self) -> Tensor:
+        with substituted(self.proxies):
+            return self.plain_objective()
+
+    def apply_rule(self, site: Site, delta: Any) -> None:
+        """The rule on the site's captured input and Δ (and its signed twin on a verified batch)."""
         wanted = frozenset(site.params)
         try:
-            values = site.rule(site.module, site.x, delta, wanted, backend)
-            values_signed = site.rule.signed(site.module, site.x, delta, wanted, backend) if check["now"] else {}
+            values = site.rule(site.module, site.x, delta, wanted, self.backend)
+            signed = site.rule.signed(site.module, site.x, delta, wanted, self.backend) if self.verifying else {}
         except RuntimeError as e:  # shapes the rule did not expect: it does not describe this layer
-            crashed[id(site)] = (site, f"its rule cannot process the captured tensors ({e})")
+            self.crashed.append((site, f"its rule cannot process the captured tensors ({e})"))
             return
-        sums.update({site.params[attr]: v for attr, v in values.items()})
-        signed.update({site.params[attr]: v for attr, v in values_signed.items()})
+        self.sums.update({site.params[attr]: v for attr, v in values.items()})
+        self.signed.update({site.params[attr]: v for attr, v in signed.items()})
 
-    def wanted(total: Tensor) -> dict[str, Tensor]:
+    def wanted(self, total: Tensor) -> dict[str, Tensor]:
+        """After the forward: settle the checks, and name the tensors whose gradients the backward returns."""
+        state, sites = self.state, self.sites
         for s in sites:  # a ruled module called several times: its calls need the module-local path
             if s.rule is not None and s.calls > 1:
                 state.demote(s.path, s.module, MODULE_LOCAL, f"called {s.calls} times in one forward")
                 raise _Demoted
+        self.structure = _structure(sites)
+        self.verifying = self.verify and state.needs_verification(self.structure)
         expanded = [s for s in sites if s.expanded]
-        if (expanded and verify and state.needs_verification(_structure(sites))) or checking:
-            _check_substitutions(expanded, checking, plain_objective, total, state)
-        check["structure"] = _structure(sites)
-        check["ruled"] = {id(s) for s in sites if s.ruled}  # captures are released by the backward
-        check["now"] = verify and state.needs_verification(check["structure"])
-        check["autocast"] = _autocast_dtypes()
+        if (expanded and self.verifying) or self.checking:
+            _check_substitutions(expanded, self.checking, self.plain_objective, total, state)
+        self.ruled = [s for s in sites if s.ruled]
+        self.autocast = _autocast_dtypes()
+        served = [s for s in sites if s.ruled or _usable_locally(s)]
         names = [n for s in sites if not (s.ruled or _usable_locally(s)) for n in s.params.values()]
-        if check["now"]:
-            names += [n for s in sites if s.ruled or _usable_locally(s) for n in s.params.values()]
-        return {**{n: params[n] for n in dict.fromkeys(names)}, **{f"proxy {p.name}": p.tensor for p in proxies}}
+        if self.verifying:
+            names += [n for s in served for n in s.params.values()]
+        return {**{n: self.params[n] for n in dict.fromkeys(names)},
+                **{f"proxy {p.name}": p.tensor for p in self.proxies}}
 
-    grads = run_and_stream(sites, objective, apply_rule, wanted)
-    proxied = {p.name: proxy_sums(p, grads.pop(f"proxy {p.name}")) for p in proxies}
-    for p in proxies:
-        if p.checking:  # the proxy's batch gradient is autograd's gradient of the parameter
-            grads[p.name] = proxied[p.name][1]
-        else:
-            sums[p.name], signed[p.name] = proxied[p.name]
-    for site, reason in crashed.values():
-        state.demote(site.path, site.module, MODULE_LOCAL, reason)
-    if crashed:
-        raise _Demoted
-    ruled = [s for s in sites if id(s) in check["ruled"]]
-    coverage = {n: RULE for s in sites if s.rule is not None for n in s.params.values()}
-    coverage.update({p.name: RULE for p in proxies if not p.checking})
-    whole: dict[str, Site] = {}
-    for group in groups([s for s in sites if s.local]):
-        names = {n for s in group for n in s.params.values()}
-        usable = [s for s in group if _usable_locally(s)]
-        covered = {n for s in usable for n in s.params.values()}
-        # an uncalled holder of a shared parameter is served by the holders that call it
-        if usable and all(_usable_locally(s) or (s.calls == 0 and set(s.params.values()) <= covered) for s in group):
+    def run(self) -> dict[str, Tensor]:
+        state = self.state
+        grads = run_and_stream(self.sites, self.objective, self.apply_rule, self.wanted)
+        for site, reason in self.crashed:
+            state.demote(site.path, site.module, MODULE_LOCAL, reason)
+        if self.crashed:
+            raise _Demoted
+        from_proxies = self._proxy_sums(grads)
+        coverage = {n: RULE for s in self.sites if s.rule is not None for n in s.params.values()}
+        coverage.update({p.name: RULE for p in self.proxies if not p.checking})
+        whole = self._module_local(coverage)
+        for p in self.checking:
+            _check_proxy(p, from_proxies[p.name], self.sums.get(p.name), state)
+        if self.verifying:
+            _verify(self.ruled, [s for s in self.sites if _usable_locally(s)], self.params, self.signed, grads,
+                    self.autocast, state)
+            state.verified_on = self.structure
+        used = {n: s for n, s in whole.items() if grads.get(n) is not None}
+        for s in {id(s): s for s in used.values()}.values():
+            if state.levels.get(s.path) != WHOLE_MODEL:  # a demotion was reported when it happened
+                state.warn(s.path, s.module, _whole_model_reason(s), WHOLE_MODEL)
+        if used:
+            self.sums.update(model_per_sample(self.model, self.x, {n: self.params[n] for n in used},
+                                              lambda out, _: self.of_output(out), self.batch))
+        coverage.update({n: WHOLE_MODEL for n in whole if n in used or n not in coverage})
+        state.coverage = coverage
+        return self.sums
+
+    def _proxy_sums(self, grads: dict) -> dict[str, Tensor]:
+        """Σ_k |g_k| of each proxied parameter (into the sums once the proxy is accepted; on its
+        checking batch the proxy's batch gradient stands for autograd's gradient of the parameter)."""
+        out = {}
+        for p in self.proxies:
+            out[p.name], signed = proxy_sums(p, grads.pop(f"proxy {p.name}"))
+            if p.checking:
+                grads[p.name] = signed
+            else:
+                self.sums[p.name], self.signed[p.name] = out[p.name], signed
+        return out
+
+    def _module_local(self, coverage: dict[str, str]) -> dict[str, Site]:
+        """Σ_k |g_k| of the module-local groups; returns the parameters (→ site) no path above serves."""
+        whole: dict[str, Site] = {}
+        for group in groups([s for s in self.sites if s.local]):
+            usable = [s for s in group if _usable_locally(s)]
+            covered = {n for s in usable for n in s.params.values()}
+            # an uncalled holder of a shared parameter is served by the holders that call it
+            if not usable or not all(_usable_locally(s) or (s.calls == 0 and set(s.params.values()) <= covered)
+                                     for s in group):
+                whole.update({n: s for s in group for n in s.params.values()})
+                continue
             delivered = [s for s in usable if any(d is not None for _, deltas in s.local_calls for d in deltas)]
             if delivered:
-                sums.update(group_sums(delivered, params, batch, signed))
+                self.sums.update(group_sums(delivered, self.params, self.batch, self.signed))
             for s in delivered:
-                if state.levels.get(s.path) is None:  # demotions were reported when they happened
-                    state.warn(s.path, s.module, "it holds a parameter shared with another module" if s.shared
-                               else f"no exact rule for {type(s.module).__name__}", MODULE_LOCAL)
-            coverage.update({n: MODULE_LOCAL for n in names})
-        else:
-            whole.update({n: s for s in group for n in s.params.values()})
-    for s in sites:
-        if not s.local and id(s) not in check["ruled"]:
-            whole.update({n: s for n in s.params.values()})
-    for p in checking:
-        _check_proxy(p, proxied[p.name][0], sums.get(p.name), state)
-    if check["now"]:
-        _verify(ruled, [s for s in sites if _usable_locally(s)], params, signed, grads, check["autocast"], state)
-        state.verified_on = check["structure"]
-    used = {n: s for n, s in whole.items() if grads.get(n) is not None}
-    for n, s in used.items():
-        if state.levels.get(s.path) != WHOLE_MODEL:  # a demotion was reported when it happened
-            state.warn(s.path, s.module, _whole_model_reason(s), WHOLE_MODEL)
-    if used:
-        sums.update(model_per_sample(model, x, {n: params[n] for n in used},
-                                     lambda out, _: of_output(out), batch))
-    coverage.update({n: WHOLE_MODEL for n in whole if n in used or n not in coverage})
-    state.coverage = coverage
-    return sums
+                if self.state.levels.get(s.path) is None:  # demotions were reported when they happened
+                    self.state.warn(s.path, s.module, "it holds a parameter shared with another module" if s.shared
+                                    else f"no exact rule for {type(s.module).__name__}", MODULE_LOCAL)
+            coverage.update({n: MODULE_LOCAL for s in group for n in s.params.values()})
+        ruled = {id(s) for s in self.ruled}
+        for s in self.sites:
+            if not s.local and id(s) not in ruled:
+                whole.update({n: s for n in s.params.values()})
+        return whole
 
 
 def _check_substitutions(expanded: list[Site], checking: list[Proxy], objective: Callable[[], Tensor],
