@@ -262,3 +262,37 @@ def test_local_mode_refuses_tied_weights_naming_the_module():
     model, x = TiedLM().double(), torch.randint(0, 23, (4, 5))
     with pytest.raises(ValueError, match=r"wte \(torch\.nn\.modules\.sparse\.Embedding\).*use mode='per_sample'"):
         batch_importance(model, x, dict(model.named_parameters()), "local")
+
+
+class Branchy(nn.Module):
+    """Takes a second layer only for wide inputs: the set of layers that run changes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x[:, :4]))
+        return self.b(h) if x.shape[1] > 4 else h
+
+
+def test_verification_schedule(monkeypatch):
+    """Verified: the first accumulate, a call whose layers differ, the first batch of every
+    consolidate(loader); not: a repeated structure."""
+    import mas_fast.importance.rules as rules
+
+    calls = []
+    signed = rules.linear_rule.signed
+    monkeypatch.setattr(rules.linear_rule, "signed", lambda m, *a: calls.append(m) or signed(m, *a))
+    torch.manual_seed(0)
+    model = Branchy().double()
+    narrow, wide = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    mas = MAS(model)
+    counts = []
+    for step in (lambda: mas.accumulate(narrow), lambda: mas.accumulate(narrow), lambda: mas.accumulate(wide),
+                 lambda: mas.accumulate(wide), lambda: mas.consolidate([wide, wide], progress=False),
+                 lambda: mas.consolidate([wide], progress=False)):
+        before = len(calls)
+        step()
+        counts.append(len(calls) - before)
+    assert counts == [1, 0, 2, 0, 2, 2]
