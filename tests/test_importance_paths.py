@@ -30,6 +30,13 @@ def per_sample(model, x, state=None):
     return sums, state
 
 
+def per_sample_warn(model, x):
+    """per_sample() with its warnings left to the test."""
+    state = ImportanceState()
+    sums, _ = batch_importance(model, x, dict(model.named_parameters()), "per_sample", state=state)
+    return sums, state
+
+
 class Gate(nn.Module):
     """No rule: own parameters, a child Linear (ruled on its own), kwargs and a tuple output."""
 
@@ -232,12 +239,6 @@ def test_unbatched_output_goes_to_the_whole_model_path():
         sums, state = per_sample_warn(model, x)
     assert state.coverage["t.table"] == "whole-model"
     assert_oracle(model, x, sums)
-
-
-def per_sample_warn(model, x):
-    state = ImportanceState()
-    sums, _ = batch_importance(model, x, dict(model.named_parameters()), "per_sample", state=state)
-    return sums, state
 
 
 def test_no_fallback_for_plain_models():

@@ -73,10 +73,6 @@ class PropertyWeightLinear(nn.Linear):
         return torch.tanh(self.raw)
 
 
-def _with_head(layer, d_in=D):
-    return nn.Sequential(layer, nn.Tanh(), nn.Linear(d_in if not isinstance(layer, nn.Linear) else layer.out_features, 3))
-
-
 def _hooked_linear():
     model = nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, 3))
     model[0].register_forward_hook(lambda m, args, out: 3 * out)
@@ -118,7 +114,8 @@ CASES = {
     "spectral-norm": (_spectral_norm, lambda: torch.randn(5, D), {"0.weight_orig": "module-local"}),
     "hook-changes-output": (_hooked_linear, lambda: torch.randn(5, D), {"0.weight": "module-local"}),
     "conv-forward-override": (Conv, lambda: torch.randn(5, D, 7), {"conv.weight": "module-local"}),
-    "property-weight": (lambda: _with_head(PropertyWeightLinear(D, 5)), lambda: torch.randn(5, D),
+    "property-weight": (lambda: nn.Sequential(PropertyWeightLinear(D, 5), nn.Tanh(), nn.Linear(5, 3)),
+                        lambda: torch.randn(5, D),
                         {"0.raw": "module-local"}),
 }
 

@@ -20,7 +20,7 @@ from .fallback import squared_norm
 from .local_mode import local_sums
 from .per_sample import per_sample_sums
 from .rules import rule_for
-from .state import MODULE_LOCAL, RULE, WHOLE_MODEL, ImportanceState, describe
+from .state import RULE, WHOLE_MODEL, ImportanceState, describe
 from ..ops.policy import acc_dtype
 
 Tensor = torch.Tensor

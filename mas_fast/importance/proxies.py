@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.nn as nn
 
 from .capture import Site
 from ..ops.policy import acc_dtype
