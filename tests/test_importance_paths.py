@@ -374,3 +374,16 @@ def test_tied_weights_never_hold_per_sample_gradients_of_the_whole_batch(monkeyp
         per_sample(model, x, state)
     bound = max(4 * vocab * d, batch * 5 * vocab) * 8  # a chunk's gradients, or the logits
     assert rec.largest_bytes <= bound < batch * vocab * d * 8, rec.largest_op
+
+
+def test_local_mode_on_a_broadcast_input():
+    """mode='local': position ids (1, T) give every sample the same output Y of the position
+    embedding, so Σ_k |∂‖Y‖²/∂W| = B |∂‖Y‖²/∂W|."""
+    torch.manual_seed(0)
+    model, x = Positions().double(), torch.randint(0, 20, (B, 7))
+    with pytest.warns(UserWarning, match=r"pos \(.*Embedding\): its input \(1, 7\) has no single dimension"):
+        sums, _ = batch_importance(model, x, dict(model.named_parameters()), "local")
+    w = model.pos.weight
+    y = nn.functional.embedding(torch.arange(7), w)
+    expected = B * torch.autograd.grad(y.square().sum(), w)[0].abs()
+    torch.testing.assert_close(sums["pos.weight"], expected, rtol=1e-12, atol=1e-12)

@@ -14,10 +14,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from .capture import Site, detached, hooked, without_autocast
 from .fallback import module_local, squared_norm
-from .state import MODULE_LOCAL, RULE, ImportanceState
+from .state import MODULE_LOCAL, RULE, ImportanceState, describe
 from .verify import mismatch, tolerance
 
 Tensor = torch.Tensor
@@ -46,6 +47,30 @@ def _rule_failure(s: Site, backend: str) -> str | None:
         if why is not None:
             return f"its rule failed verification for {attr}: {why}"
     return None
+
+
+def _why_not_ruled(s: Site, missing: frozenset) -> str:
+    if s.ruled:
+        return f"its rule does not compute {', '.join(sorted(missing))}"
+    if s.unmatched is not None:
+        return f"its input {s.unmatched} has no single dimension of the batch's size"
+    return f"no exact rule for {type(s.module).__name__} in mode='local'"
+
+
+def _own_gradients(s: Site, batch: int) -> dict[str, Tensor]:
+    """Σ_k |∂‖Y_k‖²/∂θ| from the module's own per-sample gradient. A module whose inputs are
+    all broadcast over the batch (position ids of shape (1, T)) computes the same Y for every
+    sample: B times the gradient of that one output."""
+    calls = detached(s.call_args)
+    own = {a: s.module.get_parameter(a) for a in s.params}
+    leaves = [t for t in tree_flatten(calls)[0] if isinstance(t, Tensor) and t.dim() > 0]
+    if any(t.shape[0] == batch for t in leaves):
+        return module_local(s.module, calls, own, batch)
+    if not any(t.shape[0] == 1 for t in leaves):
+        raise ValueError(f"mode='local' cannot compute {describe(s.path, s.module)}: none of its inputs "
+                         f"{[tuple(t.shape) for t in leaves]} has the batch's {batch} samples (or a single "
+                         "broadcast one) in dimension 0; use mode='per_sample'")
+    return {a: batch * v for a, v in module_local(s.module, calls, own, 1).items()}
 
 
 def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, batch: int,
@@ -81,13 +106,9 @@ def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, b
             else:
                 values = _rule_values(s, backend, signed=False)
         if s.calls and set(values) != wanted:  # no rule, or one that does not describe the layer
-            if s.rule is not None and s.ruled and state.levels.get(s.path) is None:
-                state.warn(s.path, s.module, f"its rule does not compute {', '.join(sorted(wanted - set(values)))}",
-                           MODULE_LOCAL)
-            elif state.levels.get(s.path) is None:
-                state.warn(s.path, s.module, f"no exact rule for {type(s.module).__name__} in mode='local'",
-                           MODULE_LOCAL)
-            values = module_local(s.module, detached(s.call_args), {a: s.module.get_parameter(a) for a in wanted}, batch)
+            if state.levels.get(s.path) is None:
+                state.warn(s.path, s.module, _why_not_ruled(s, wanted - set(values)), MODULE_LOCAL)
+            values = _own_gradients(s, batch)
             path = MODULE_LOCAL
         sums.update({s.params[a]: v for a, v in values.items()})
         state.coverage.update({n: path for n in s.params.values()})
