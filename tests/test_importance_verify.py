@@ -293,3 +293,51 @@ def test_verification_schedule(monkeypatch):
         step()
         counts.append(len(calls) - before)
     assert counts == [1, 0, 2, 0, 2, 2]
+
+
+def test_every_rule_has_a_signed_twin():
+    """Verification calls rule.signed for every ruled layer: a rule added without one would
+    fail on the first verified batch."""
+    import mas_fast.importance.rules as rules
+
+    assert all(callable(getattr(rule, "signed", None)) for _, rule, _ in rules._RULES)
+
+
+def _layer_cases():
+    """(layer, input) for every rule, the input batch-first with 4 samples."""
+    g = torch.Generator().manual_seed(0)
+    randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.copy_(randn(3))
+    bn.running_var.copy_(randn(3).abs() + 0.5)
+    cases = {
+        "linear": (nn.Linear(5, 3), randn(4, 2, 5)),
+        "conv1d": (nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2), randn(4, 4, 9)),
+        "conv2d": (nn.Conv2d(3, 4, 3, padding="same", padding_mode="circular"), randn(4, 3, 6, 5)),
+        "layer_norm": (nn.LayerNorm([2, 5]), randn(4, 3, 2, 5)),
+        "group_norm": (nn.GroupNorm(2, 4), randn(4, 4, 3)),
+        "batch_norm": (bn, randn(4, 3, 2, 2)),
+        "embedding": (nn.Embedding(7, 3, padding_idx=1), torch.randint(0, 7, (4, 5), generator=g)),
+    }
+    if hasattr(nn, "RMSNorm"):
+        cases["rms_norm"] = (nn.RMSNorm(5), randn(4, 2, 5))
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_layer_cases()))
+def test_signed_twin_is_the_batch_gradient(case):
+    """Σ_k g_k of each rule's twin equals autograd's gradient of Σ ⟨layer(x), Δ⟩."""
+    from mas_fast.importance.rules import rule_for
+
+    layer, x = _layer_cases()[case]
+    layer = layer.double().eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p))  # non-trivial affine parameters
+    y = layer(x)
+    delta = torch.randn_like(y)
+    params = dict(layer.named_parameters())
+    grads = torch.autograd.grad((y * delta).sum(), list(params.values()))
+    signed = rule_for(layer).signed(layer, x, delta, frozenset(params), "reference")
+    for (n, _), g in zip(params.items(), grads):
+        torch.testing.assert_close(signed[n], g, rtol=1e-10, atol=1e-10)
