@@ -301,9 +301,11 @@ class MAS:
 
     @_normal_tensors
     def coverage(self, x: Any = None) -> dict[str, str]:
-        """Which path computed each trainable parameter's importance in the last pass:
-        "rule" (the layer's closed form), "module-local" (the per-sample VJP of its module
-        alone) or "whole-model" (the torch.func fallback); "batch" in mode="batch".
+        """Which path computed each trainable parameter's importance in the last pass (the
+        slowest any of its batches took): "rule" (the layer's closed form), "module-local"
+        (the per-sample VJP of its module alone) or "whole-model" (the torch.func fallback);
+        "batch" in mode="batch". A pass is a consolidate(loader), or the accumulate() calls
+        since the last consolidate().
 
         With `x`, first runs a dry importance pass on that batch (nothing of the MAS state
         changes). Raises ValueError before any pass when `x` is not given.

@@ -113,7 +113,7 @@ def _per_sample(model, x, params, output_fn, backend, batch, state: ImportanceSt
 
 
 def _batch(model, x, params, output_fn, batch, state: ImportanceState) -> dict[str, Tensor]:
-    state.coverage = {n: "batch" for n in params}
+    state.record_coverage({n: "batch" for n in params})
     with torch.enable_grad():
         F = output_tensor(model(x), output_fn, batch)
         total = squared_norm(F)

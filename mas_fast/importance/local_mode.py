@@ -75,7 +75,7 @@ def _own_gradients(s: Site, batch: int) -> dict[str, Tensor]:
 
 def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, batch: int,
                state: ImportanceState, verify: bool) -> dict[str, Tensor]:
-    """Σ_k |∂‖Y_k‖²/∂θ| of every site's own parameters (canonical names); fills `state.coverage`."""
+    """Σ_k |∂‖Y_k‖²/∂θ| of every site's own parameters (canonical names); records the paths in `state`."""
     for s in sites:
         if state.levels.get(s.path) is not None:
             s.rule = None
@@ -95,7 +95,7 @@ def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, b
         check = True
         structure = run(keep_graph=True)
     sums: dict[str, Tensor] = {}
-    state.coverage = {}
+    coverage: dict[str, str] = {}
     for s in sites:
         wanted = frozenset(s.params)
         values, path = {}, RULE if s.rule is not None else MODULE_LOCAL
@@ -111,10 +111,11 @@ def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, b
             values = _own_gradients(s, batch)
             path = MODULE_LOCAL
         sums.update({s.params[a]: v for a, v in values.items()})
-        state.coverage.update({n: path for n in s.params.values()})
+        coverage.update({n: path for n in s.params.values()})
         s.release()
     if check:
         state.verified_on = structure
+    state.record_coverage(coverage)
     return sums
 
 

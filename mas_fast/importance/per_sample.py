@@ -76,7 +76,7 @@ def per_sample_sums(model: nn.Module, x: Any, params: dict[str, Tensor], sites_f
 
     `objective()` runs the model on the batch and returns Σ_k ‖F(x_k)‖²; `of_output(out)` is
     the same objective from a model output (for the whole-model fallback); `sites_for()`
-    builds the sites according to `state.levels`. Fills `state.coverage`. `verify=False`
+    builds the sites according to `state.levels`. Records the paths in `state`. `verify=False`
     trusts every rule and module-local path (no check, no parameter gradients).
     """
     while True:
@@ -186,7 +186,7 @@ class _BatchPass:
             self.sums.update(model_per_sample(self.model, self.x, {n: self.params[n] for n in used},
                                               lambda out, _: self.of_output(out), self.batch))
         coverage.update({n: WHOLE_MODEL for n in whole if n in used or n not in coverage})
-        state.coverage = coverage
+        state.record_coverage(coverage)
         return self.sums
 
     def _proxy_sums(self, grads: dict) -> dict[str, Tensor]:

@@ -5,7 +5,8 @@
   describe what it computed; demotions stick for the instance);
 - whether the current pass has been verified, and the structure it was verified on;
 - which warnings were issued (once per module and cause);
-- the path that computed each parameter in the last pass (`MAS.coverage()`).
+- the path that computed each parameter in the current pass, the slowest one any of its
+  batches took (`MAS.coverage()`).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class ImportanceState:
         self.no_proxy: set[str] = set()         # parameters whose proxy did not
         self.warned: set[tuple[str, str]] = set()
         self.coverage: dict[str, str] = {}
+        self._coverage_of_pass = False           # coverage holds a batch of the current pass
 
     def copy(self) -> "ImportanceState":
         """An independent copy (a dry run must not change the instance's state)."""
@@ -44,6 +46,16 @@ class ImportanceState:
     def new_pass(self) -> None:
         """A new pass over data begins (consolidate(loader)): verify its first batch."""
         self.verified_on = None
+        self._coverage_of_pass = False
+
+    def record_coverage(self, paths: dict[str, str]) -> None:
+        """One batch's path per parameter; within a pass each parameter keeps the slowest."""
+        if not self._coverage_of_pass:
+            self.coverage, self._coverage_of_pass = {}, True
+        rank = {p: i for i, p in enumerate(PATHS)}
+        for n, p in paths.items():
+            old = self.coverage.get(n)
+            self.coverage[n] = p if old is None or rank.get(p, 0) > rank.get(old, 0) else old
 
     def needs_verification(self, structure: tuple) -> bool:
         """True on a pass's first batch and whenever the layers that ran or their inputs change."""

@@ -14,6 +14,7 @@ A genuine mismatch (a missed use, a factor) is of order one.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 import torch
@@ -42,7 +43,7 @@ def mismatch(signed: Optional[Tensor], grad: Optional[Tensor], rtol: float) -> O
     g = grad.to(signed.dtype)
     err = (signed - g).abs().max().item() if g.numel() else 0.0
     scale = max(g.abs().max().item(), signed.abs().max().item()) if g.numel() else 0.0
-    if err <= rtol * scale:
+    if err <= rtol * scale or not math.isfinite(err):  # overflow is reported as NonFiniteError, not here
         return None
     return (f"its batch gradient from the captured input and output gradient differs from autograd's "
             f"(max error {err:.3g}, {err / scale:.3g} of the largest value; tolerance {rtol:g})")
