@@ -341,3 +341,16 @@ def test_signed_twin_is_the_batch_gradient(case):
     signed = rule_for(layer).signed(layer, x, delta, frozenset(params), "reference")
     for (n, _), g in zip(params.items(), grads):
         torch.testing.assert_close(signed[n], g, rtol=1e-10, atol=1e-10)
+
+
+def test_overflowing_gradients_are_reported_not_demoted():
+    """Non-finite gradients are a NonFiniteError, not a reason to leave the rule."""
+    from mas_fast import NonFiniteError
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    mas = MAS(model)
+    huge = torch.full((4, 3), 1e20)  # F ~ 1e20 is finite in fp32; |2F||x| ~ 1e40 is not
+    with pytest.raises(NonFiniteError, match="overflowed"):
+        mas.accumulate(huge)
+    assert mas._engine.levels == {}
