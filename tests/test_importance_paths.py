@@ -280,7 +280,7 @@ def test_broadcast_input_is_expanded_to_the_batch():
 def test_expansion_that_changes_the_output_is_undone():
     torch.manual_seed(0)
     model, x = Positions(reduce_positions=True).double(), torch.randint(0, 20, (B, 7))
-    with pytest.warns(UserWarning, match=r"pos \(.*Embedding\): expanding its output to the batch changes"):
+    with pytest.warns(UserWarning, match=r"pos \(.*Embedding\): its output expanded to the batch: it changes the model.s output"):
         sums, state = per_sample_warn(model, x)
     assert_oracle(model, x, sums)
     assert state.coverage["pos.weight"] == "whole-model" and "pos" in state.no_expand
@@ -389,3 +389,22 @@ def test_local_mode_on_a_broadcast_input():
     y = nn.functional.embedding(torch.arange(7), w)
     expected = B * torch.autograd.grad(y.square().sum(), w)[0].abs()
     torch.testing.assert_close(sums["pos.weight"], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_proxy_that_breaks_the_forward_is_refused():
+    """A container's (1, D) parameter used as a matrix: the (B, D) proxy breaks the forward."""
+    class AsMatrix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(1, 4))
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x) @ self.w.reshape(4, 1)
+
+    torch.manual_seed(0)
+    model, x = AsMatrix().double(), torch.randn(B, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"<model> \(.*AsMatrix\): a per-sample proxy for w: the forward failed"):
+        sums, state = per_sample_warn(model, x)
+    assert_oracle(model, x, sums)
+    assert state.no_proxy == {"w"} and state.coverage["w"] == "module-local"

@@ -83,28 +83,29 @@ def per_sample_sums(model: nn.Module, x: Any, params: dict[str, Tensor], sites_f
         sites = sites_for()
         for s in sites:
             s.may_expand = s.path not in state.no_expand
+        batch_pass = _BatchPass(model, x, params, sites, objective, of_output, backend, batch, state, verify)
         try:
-            return _one_pass(model, x, params, sites, objective, of_output, backend, batch, state, verify)
+            return batch_pass.run()
         except _Demoted:
             continue
-        except Exception as e:  # noqa: BLE001 — retried once without the expansions, else raised
+        except Exception as e:  # noqa: BLE001 — retried without the substitutions, else raised
             expanded = [s for s in sites if s.expanded]
-            if not expanded:
+            if not (expanded or batch_pass.proxies):
                 raise
-            _no_expansion(expanded, state, f"the forward failed with its output expanded to the batch ({e!r})")
+            _refuse_substitutions(expanded, batch_pass.proxies, state, f"the forward failed with it ({e!r})")
         finally:
             for s in sites:
                 s.release()
 
 
-def _no_expansion(sites: list[Site], state: ImportanceState, reason: str) -> None:
-    for s in sites:
+def _refuse_substitutions(expanded: list[Site], proxies: list[Proxy], state: ImportanceState, why: str) -> None:
+    """Never again expand these outputs or use these proxies (for the instance), and say why."""
+    for s in expanded:
         state.no_expand.add(s.path)
-        state.warn(s.path, s.module, reason, WHOLE_MODEL)
-
-
-def _one_pass(model, x, params, sites, objective, of_output, backend, batch, state, verify) -> dict[str, Tensor]:
-    return _BatchPass(model, x, params, sites, objective, of_output, backend, batch, state, verify).run()
+        state.warn(s.path, s.module, f"its output expanded to the batch: {why}", WHOLE_MODEL)
+    for p in proxies:
+        state.no_proxy.add(p.name)
+        state.warn(p.site.path, p.site.module, f"a per-sample proxy for {p.attr}: {why}", MODULE_LOCAL)
 
 
 class _BatchPass:
@@ -236,13 +237,7 @@ def _check_substitutions(expanded: list[Site], checking: list[Proxy], objective:
     rtol = tolerance([total.dtype])
     if (plain - total.detach()).abs().item() <= rtol * max(plain.abs().item(), total.abs().item()):
         return
-    if expanded:
-        _no_expansion(expanded, state, f"expanding its output {'' if len(expanded) == 1 else '(or another one) '}"
-                                       "to the batch changes the model's output")
-    for p in checking:
-        state.no_proxy.add(p.name)
-        state.warn(p.site.path, p.site.module, f"a per-sample proxy for {p.attr} changes the model's output",
-                   MODULE_LOCAL)
+    _refuse_substitutions(expanded, checking, state, "it changes the model's output")
     raise _Demoted
 
 

@@ -35,20 +35,20 @@ class Proxy:
 
 def proxies_for(sites: list[Site], params: dict[str, Tensor], batch: int, ok: set[str], refused: set[str],
                 verify: bool) -> list[Proxy]:
-    """Proxies for the direct parameters of module-local (container) sites with a leading
+    """Proxies for the direct parameters of module-local container sites with a leading
     dimension of size 1; parameters already accepted leave their site (which is dropped
-    when nothing remains)."""
+    when nothing remains). None without verification: a proxy is used only once checked."""
     out = []
-    if batch < 2:
+    if batch < 2 or not verify:  # a proxy is only used once checked
         return out
     for s in sites:
-        if not s.local or s.shared:
+        if not s.local or s.shared or next(s.module.children(), None) is None:  # containers only
             continue
         for attr, name in list(s.params.items()):
             p = params[name]
             if "." in attr or p.dim() == 0 or p.shape[0] != 1 or name in refused:
                 continue
-            checking = verify and name not in ok
+            checking = name not in ok
             tensor = p.detach().expand(batch, *p.shape[1:]).clone().requires_grad_(True)
             out.append(Proxy(s, attr, name, tensor, checking))
             if not checking:
