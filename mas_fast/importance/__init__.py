@@ -5,7 +5,8 @@ Three modes (see DESIGN.md):
   capture hooks; per module its exact rule, else the module-local path, else the
   whole-model torch.func fallback, each fast path verified against autograd (per_sample.py).
 - "batch": |∂ Σ_k ‖F(x_k)‖²/∂θ| — the authors' code / Avalanche (signs cancel in a batch).
-- "local": each layer's own ‖Y‖² as the function (Hebbian variant): Δ = 2·Y, no backward.
+- "local": each layer's own ‖Y‖² as the function (Hebbian variant): Δ = 2·Y through the
+  rules, else the module's own per-sample gradient, rules verified too (local_mode.py).
 """
 from __future__ import annotations
 
