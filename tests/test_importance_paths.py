@@ -214,6 +214,20 @@ def test_warnings_are_per_instance():
         second.accumulate(x)
 
 
+def test_every_instance_warns_under_the_default_filter():
+    """Python's "default" action shows a message once per location; each MAS instance still
+    reports its own paths (the warning points at the caller's line)."""
+    model, x = make_case("shared")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")
+        for _ in range(2):
+            mas = MAS(model)
+            mas.accumulate(x)
+            mas.accumulate(x)
+    scale = [w for w in record if "Scale" in str(w.message)]
+    assert len(scale) == 2 and all(w.filename == __file__ for w in scale)
+
+
 def test_unbatched_output_goes_to_the_whole_model_path():
     """A custom layer whose output has no batch dimension (a learned table it returns): the
     module-local VJP cannot split it by sample, so the whole-model path serves it."""

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from typing import Optional
 
@@ -73,8 +74,22 @@ class ImportanceState:
         self.warned.add((path, reason))
         cost = "the per-sample gradient of the whole model" if to == WHOLE_MODEL else \
             "a per-sample vector-Jacobian product of that module alone"
-        warnings.warn(f"mas_fast: {describe(path, module)}: {reason}; its parameters use the {to} "
-                      f"path ({cost}: exact, slower than a rule)", stacklevel=5)
+        filename, lineno, caller = _caller()
+        # warn_explicit without a registry: Python's per-location "default" deduplication would
+        # silence a second instance's warning; this instance's `warned` set deduplicates instead
+        warnings.warn_explicit(f"mas_fast: {describe(path, module)}: {reason}; its parameters use the {to} "
+                               f"path ({cost}: exact, slower than a rule)", UserWarning, filename, lineno,
+                               module=caller)
+
+
+def _caller() -> tuple[str, int, str]:
+    """File, line and module of the first frame outside mas_fast (where the user called it)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "mas_fast":
+        frame = frame.f_back
+    if frame is None:
+        return __file__, 0, __name__
+    return frame.f_code.co_filename, frame.f_lineno, frame.f_globals.get("__name__", "")
 
 
 __all__ = ["ImportanceState", "MODULE_LOCAL", "PATHS", "RULE", "WHOLE_MODEL", "describe"]
