@@ -8,6 +8,7 @@ Every public method validates first and mutates last, so a failure leaves the st
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import threading
 import weakref
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .importance import MODES, batch_importance
+from .importance import MODES, ImportanceState, batch_importance
 from . import distributed
 from .ops.policy import acc_dtype
 
@@ -128,6 +129,16 @@ def _upgraded(state: Mapping[str, Any]) -> Mapping[str, Any]:
     return {**{renames.get(k, k): v for k, v in state.items()}, "format": STATE_FORMAT}
 
 
+def _normal_tensors(method: Callable) -> Callable:
+    """Run `method` outside torch.inference_mode(): the state it creates (Ω, θ*, running
+    means) must be normal tensors, usable later by the penalty's autograd graph."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return method(*args, **kwargs)
+    return wrapper
+
+
 class _TaskImportance:
     """Running mean of Σ|g| per sample for the current task, with Kahan compensation.
 
@@ -204,6 +215,12 @@ class MAS:
         alpha: α for merge="alpha".
         output_fn: maps the model's output (tuple, dict, several heads) to the tensor F.
         backend: "auto" | "reference" | "cpp" | "triton" | "cuda" (see mas_fast.ops).
+        verify: on the first batch of every importance pass (and whenever the layers that
+            run or their inputs change), check each layer rule's and module-local path's
+            Σ_k g_k against autograd's batch gradient, computed in the same backward; a
+            module that does not match (a weight also used outside its module, a hook that
+            changes the output, a subclass with another forward) moves to the next exact path,
+            with a warning. Costs one weight-gradient backward per pass; False skips it.
         sync: under torch.distributed (initialized, more than one rank), `consolidate()`
             all-reduces the task's importance sums and sample counts, so every rank holds the
             Ω of the union of all ranks' data; every rank must then call `consolidate()`, and
@@ -226,7 +243,7 @@ class MAS:
     def __init__(self, model: nn.Module, lambda_: float = 1.0, mode: str = "per_sample",
                  merge: str = "sum", alpha: float = 0.5,
                  output_fn: Optional[Callable[[Any], Tensor]] = None, backend: str = "auto",
-                 sync: bool = True) -> None:
+                 sync: bool = True, verify: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _check_config(lambda_, mode, merge, alpha)
@@ -234,9 +251,13 @@ class MAS:
             raise TypeError(f"output_fn must be callable or None, got {type(output_fn).__name__}")
         if not isinstance(sync, bool):
             raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
         distributed.check_unsharded(model)
         self.model = unwrap(model)
         self.sync = sync
+        self.verify = verify
+        self._engine = ImportanceState()  # demotions, warnings and coverage of this instance
         self.lambda_ = float(lambda_)
         self.mode = mode
         self.merge = merge
@@ -254,7 +275,7 @@ class MAS:
         distributed.check_unsharded(self.model)
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def _accumulate_into(self, task: _TaskImportance, x: Any) -> int:
+    def _accumulate_into(self, task: _TaskImportance, x: Any, engine: Optional[ImportanceState] = None) -> int:
         params = self._trainable()
         if task.count and set(params) != set(task.mean):
             added, removed = sorted(set(params) - set(task.mean)), sorted(set(task.mean) - set(params))
@@ -263,10 +284,13 @@ class MAS:
         reshaped = _shape_changes(task.mean, params)
         if reshaped:
             raise ValueError("parameters changed shape during the task: " + "; ".join(reshaped))
-        sums, n = batch_importance(self.model, x, params, self.mode, self.output_fn, self.backend)
+        engine = engine if engine is not None else self._engine
+        sums, n = batch_importance(self.model, x, params, self.mode, self.output_fn, self.backend,
+                                   verify=self.verify, state=engine)
         task.add(sums, n, self.backend)
         return n
 
+    @_normal_tensors
     def accumulate(self, x: Any) -> int:
         """Add one unlabeled batch to the current task's running Ω; returns its sample count.
 
@@ -276,6 +300,7 @@ class MAS:
         with _exclusive_pass(self.model):
             return self._accumulate_into(self._task, x)
 
+    @_normal_tensors
     def consolidate(self, loader: Optional[Iterable] = None, progress: bool = True) -> None:
         """End the current task: merge its Ω into the total and snapshot θ*.
 
@@ -291,10 +316,13 @@ class MAS:
         its own exception and the others `distributed.RankFailedError` naming it; differing
         parameters or configuration raise the same ValueError on every rank.
         """
+        # A pass over a loader works on a copy of the engine state (demotions, warnings,
+        # coverage), committed with the rest of the state.
+        engine = self._engine.copy() if loader is not None else self._engine
         if self.sync and distributed.active():
-            task_mean, count = distributed.union_mean(lambda: self._contribution(loader, progress))
+            task_mean, count = distributed.union_mean(lambda: self._contribution(loader, progress, engine))
         else:
-            task = self._local_task(loader, progress)
+            task = self._local_task(loader, progress, engine)
             task_mean, count = task.mean, task.count
         if count == 0:
             raise ValueError("nothing to consolidate: the loader yielded no samples"
@@ -306,9 +334,12 @@ class MAS:
         theta_star = {n: named[n].detach().to(acc_dtype(named[n].dtype), copy=True) for n in omega}
         self._omega, self._theta_star = omega, theta_star
         self._task = _TaskImportance()
+        self._engine = engine
+        self._engine.new_pass()  # the next task's first batch is verified again
         self.num_tasks += 1
 
-    def _local_task(self, loader: Optional[Iterable], progress: bool) -> _TaskImportance:
+    def _local_task(self, loader: Optional[Iterable], progress: bool,
+                    engine: ImportanceState) -> _TaskImportance:
         """The running task, extended by a pass over `loader` (on a copy: nothing changes if
         the loader or a pass fails)."""
         if loader is None:
@@ -317,9 +348,10 @@ class MAS:
 
         _check_loader(loader)
         task = self._task.copy() if self._task.count else _TaskImportance()
+        engine.new_pass()
         with _exclusive_pass(self.model):
             for batch in tqdm(loader, desc="MAS importance", disable=not progress, leave=False):
-                self._accumulate_into(task, batch_input(batch))
+                self._accumulate_into(task, batch_input(batch), engine)
         return task
 
     def _check_model_holds(self, task_mean: Mapping[str, Tensor], named: Mapping[str, Tensor]) -> None:
@@ -331,10 +363,11 @@ class MAS:
         if reshaped:
             raise ValueError("parameters changed shape since the last consolidation: " + "; ".join(reshaped))
 
-    def _contribution(self, loader: Optional[Iterable], progress: bool) -> distributed.Contribution:
+    def _contribution(self, loader: Optional[Iterable], progress: bool,
+                      engine: ImportanceState) -> distributed.Contribution:
         """This rank's part of a synchronised consolidation: its local pass, checked against
         the model, as sums over its samples (zeros for the trainable parameters if it has none)."""
-        task = self._local_task(loader, progress)
+        task = self._local_task(loader, progress, engine)
         named = dict(self.model.named_parameters())
         self._check_model_holds(task.mean, named)
         covered = task.mean if task.count else self._trainable()
@@ -356,6 +389,28 @@ class MAS:
         if untouched and a != 1.0:  # absent from this task: Ω_task = 0 there
             torch._foreach_mul_([merged[n] for n in untouched], a)
         return merged
+
+    @_normal_tensors
+    def coverage(self, x: Any = None) -> dict[str, str]:
+        """Which path computed each trainable parameter's importance in the last pass (the
+        slowest any of its batches took): "rule" (the layer's closed form), "module-local"
+        (the per-sample VJP of its module alone) or "whole-model" (the torch.func fallback);
+        "batch" in mode="batch". A pass is a consolidate(loader), or the accumulate() calls
+        since the last consolidate().
+
+        With `x`, first runs a dry importance pass on that batch (nothing of the MAS state
+        changes). Raises ValueError before any pass when `x` is not given.
+        """
+        if x is None:
+            if not self._engine.coverage:
+                raise ValueError("no importance pass has run yet: call coverage(x) with a batch, or "
+                                 "accumulate()/consolidate() first")
+            return dict(self._engine.coverage)
+        engine = self._engine.copy()
+        engine.new_pass()
+        with _exclusive_pass(self.model):
+            self._accumulate_into(_TaskImportance(), x, engine)
+        return dict(engine.coverage)
 
     # ------------------------------------------------------------------ penalty
 

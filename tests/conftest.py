@@ -25,15 +25,3 @@ settings.register_profile("thorough", max_examples=1000, deadline=None, print_bl
                           suppress_health_check=_SLOW_OK, database=DirectoryBasedExampleDatabase(
                               os.path.join(os.path.dirname(__file__), ".hypothesis-db")))
 settings.load_profile("ci")  # --hypothesis-profile=thorough overrides it
-
-
-import pytest  # noqa: E402
-
-import mas_fast.importance.fallback as _fallback  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _fresh_fallback_warnings():
-    """The fallback warns once per cause and process; every test starts with none issued."""
-    _fallback._warned.clear()
-    yield

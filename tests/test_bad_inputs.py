@@ -278,7 +278,7 @@ def test_m9_shared_parameters_are_covered_once():
     torch.manual_seed(0)
     model = SharedModel()
     mas = MAS(model)
-    with pytest.warns(UserWarning, match="fallback"):
+    with pytest.warns(UserWarning, match="module-local path"):
         mas.consolidate([torch.randint(0, 17, (4, 5))], progress=False)
     assert "emb.weight" in mas.importance and "decoder.weight" not in mas.importance
     perturb(model)

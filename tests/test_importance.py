@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mas_fast.importance import NonFiniteError, batch_importance
+from mas_fast.importance import ImportanceState, NonFiniteError, batch_importance
 from models import MLP, Scale, SeqModel, make_case, oracle_batch, oracle_per_sample
 from tolerances import assert_close
 
@@ -56,11 +56,14 @@ def test_small_chunks_give_the_same_result(monkeypatch):
 
 def test_fallback_warns_once_per_cause_and_names_the_module():
     model, x = make_case("shared")
-    with pytest.warns(UserWarning, match="Scale"):
-        batch_importance(model, x, trainable(model), "per_sample")
+    state = ImportanceState()
+    with pytest.warns(UserWarning, match=r"scale \(models\.Scale\): no exact rule for Scale"):
+        batch_importance(model, x, trainable(model), "per_sample", state=state)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        batch_importance(model, x, trainable(model), "per_sample")  # no second warning
+        batch_importance(model, x, trainable(model), "per_sample", state=state)  # no second warning
+    with pytest.warns(UserWarning, match="Scale"):  # a new state (a new MAS instance) warns again
+        batch_importance(model, x, trainable(model), "per_sample")
 
 
 def test_frozen_and_unused_parameters():

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mas_fast.importance import batch_importance
+from mas_fast.importance import ImportanceState, batch_importance
 from mas_fast.importance.fallback import model_per_sample, squared_norm
 from memory_tracking import AllocationRecorder
 
@@ -59,10 +59,11 @@ def _case(device: str = "cpu"):
     return model, tokens, params
 
 
-def _pass(model, tokens, params, mode: str):
+def _pass(model, tokens, params, mode: str, state: ImportanceState):
+    """One batch of a pass whose state is `state` (its first batch is verified)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the fallback's one-time warning
-        return batch_importance(model, tokens, params, mode)
+        warnings.simplefilter("ignore")  # the module-local path's one-time warning
+        return batch_importance(model, tokens, params, mode, state=state)
 
 
 def _training_step_peak(model, tokens) -> int:
@@ -73,13 +74,17 @@ def _training_step_peak(model, tokens) -> int:
     return rec.peak_bytes
 
 
-def _measure(mode: str, chunk: int, monkeypatch) -> tuple[AllocationRecorder, int, int, int]:
+def _measure(mode: str, chunk: int, monkeypatch, verified: bool = False) -> tuple[AllocationRecorder, int, int, int]:
+    """The allocations of one batch: a later batch of a pass, or (`verified`) its first one."""
     model, tokens, params = _case()
-    _pass(model, tokens, params, mode)  # warm-up: one-time allocations are not the pass's
+    state = ImportanceState()
+    _pass(model, tokens, params, mode, state)  # warm-up: one-time allocations are not the pass's
+    if verified:
+        state.new_pass()
     baseline = _training_step_peak(model, tokens)
     monkeypatch.setenv("MAS_FAST_CHUNK_ELEMENTS", str(chunk))
     with AllocationRecorder() as rec:
-        result, _ = _pass(model, tokens, params, mode)
+        result, _ = _pass(model, tokens, params, mode, state)
     P = sum(p.numel() for p in params.values())
     assert not any(v.requires_grad for v in result.values()), "Ω carries an autograd graph"
     return rec, baseline, P, max(p.numel() for p in params.values())
@@ -102,6 +107,13 @@ def test_importance_pass_memory_is_o_p_plus_activations(mode, monkeypatch):
     rec, baseline, P, largest_param = _measure(mode, CHUNK, monkeypatch)
     assert B * P * 4 > 10 * max(rec.peak_bytes, baseline)  # the model makes B×P the issue
     assert not _within_bounds(rec, baseline, P, largest_param)
+
+
+def test_verified_batch_adds_two_parameter_sized_sets(monkeypatch):
+    """The first batch of a pass also holds Σ_k g_k and autograd's gradient (verification)."""
+    rec, baseline, P, largest_param = _measure("per_sample", CHUNK, monkeypatch, verified=True)
+    assert rec.peak_bytes <= 3 * baseline + 2 * P * 4
+    assert rec.live_bytes <= P * 4
 
 
 def test_the_bounds_catch_an_unchunked_pass(monkeypatch):
@@ -129,7 +141,8 @@ def test_fallback_respects_its_chunk_bound(chunk, monkeypatch):
 @pytest.mark.parametrize("mode", ["per_sample", "local"])
 def test_importance_pass_memory_on_gpu(mode, monkeypatch):
     model, tokens, params = _case("cuda")
-    _pass(model, tokens, params, mode)
+    state = ImportanceState()
+    _pass(model, tokens, params, mode, state)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
@@ -139,7 +152,7 @@ def test_importance_pass_memory_on_gpu(mode, monkeypatch):
     monkeypatch.setenv("MAS_FAST_CHUNK_ELEMENTS", str(CHUNK))
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
-    _pass(model, tokens, params, mode)
+    _pass(model, tokens, params, mode, state)
     peak = torch.cuda.max_memory_allocated() - start
     P = sum(p.numel() for p in params.values())
     assert peak <= 3 * baseline + 2 * CHUNK * 4 and peak * 8 < B * P * 4

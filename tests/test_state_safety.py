@@ -1,5 +1,5 @@
 """How a MAS behaves as an object: copies, pickling, threads, torch.compile wrappers, state_dict
-snapshots and the state format. One test per row of docs/reliability-cases.md (rows t1-t7)."""
+snapshots and the state format. One test per row t1-t7 of the catalogue in docs/reliability.md."""
 import copy
 import io
 import pickle

@@ -16,7 +16,7 @@ from mas_fast import MAS
 from models import Scale
 from state_checks import assert_same_flags, assert_same_state, model_flags, perturb, snapshot
 
-pytestmark = pytest.mark.filterwarnings("ignore:mas_fast.*fallback")
+pytestmark = pytest.mark.filterwarnings("ignore:mas_fast.*its parameters use the")
 
 
 class _FailInBackward(torch.autograd.Function):
@@ -30,21 +30,32 @@ class _FailInBackward(torch.autograd.Function):
         raise ctx.exc
 
 
+class _TripScale(Scale):
+    """The custom layer, raising `exc` in its n-th call once armed (its per-sample VJP calls it
+    inside torch.func)."""
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.trip_at:
+            raise self.exc
+        return super().forward(x)
+
+
 class Tripwire(nn.Module):
-    """A model (BatchNorm, Dropout, a custom layer that needs the fallback, a frozen bias)
-    that raises `exc` in its n-th forward, or in the backward of it, once armed."""
+    """A model (BatchNorm, Dropout, a custom layer without a rule, a frozen bias) that raises
+    `exc` in its n-th forward, in the backward of it, or in the custom layer's n-th call, once armed."""
 
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Linear(20, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5),
-                                  Scale(16), nn.Linear(16, 5))
+                                  _TripScale(16), nn.Linear(16, 5))
         self.body[0].bias.requires_grad_(False)
-        self.exc: Optional[BaseException] = None
-        self.forward_at = self.backward_at = None
-        self.calls = 0
+        self.arm(None)
 
-    def arm(self, exc: BaseException, forward_at: Optional[int] = None, backward_at: Optional[int] = None):
+    def arm(self, exc: BaseException, forward_at: Optional[int] = None, backward_at: Optional[int] = None,
+            custom_at: Optional[int] = None):
         self.exc, self.forward_at, self.backward_at, self.calls = exc, forward_at, backward_at, 0
+        self.body[4].exc, self.body[4].trip_at, self.body[4].calls = exc, custom_at, 0
 
     def forward(self, x):
         self.calls += 1
@@ -92,14 +103,13 @@ PLACES = [  # (mode, where the failure happens)
 
 def _arm(model: Tripwire, mode: str, where: str, exc: BaseException, batch: int) -> None:
     """Make the `batch`-th importance pass (0-based) fail at `where`."""
-    per_batch = 2 if mode == "per_sample" else 1  # per_sample: the hooked pass, then the fallback's
-    first = batch * per_batch + 1
+    first = batch + 1
     if where == "forward":
         model.arm(exc, forward_at=first)
     elif where == "backward":
         model.arm(exc, backward_at=first)
-    elif where == "fallback":  # the custom layer's per-sample gradients, inside torch.func
-        model.arm(exc, forward_at=first + 1)
+    elif where == "fallback":  # the custom layer's per-sample VJP, inside torch.func (its 2nd call per batch)
+        model.arm(exc, custom_at=2 * batch + 2)
 
 
 @pytest.mark.parametrize("exc", EXCEPTIONS, ids=["error", "interrupt"])

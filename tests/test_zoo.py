@@ -20,7 +20,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from mas_fast import MAS
-from mas_fast.importance import batch_importance, fallback
+from mas_fast.importance import batch_importance
 from tolerances import assert_close_lowp
 from zoo import ZOO, build, trainable
 
@@ -31,20 +31,10 @@ pytest.importorskip("peft")
 
 B, T = 4, 8
 RTOL = 1e-6  # float64 models; libraries' own fp32 steps (Llama RMSNorm) dominate
-WHOLE_MODEL_FALLBACK = "torch.func per-sample fallback"
 
-# Parameters no rule covers yet: they need capture where they are used (helper E's module-local
-# path and container-held / tied parameters). strict: an XPASS says the mark must go.
-NEEDS_MODULE_LOCAL = {
-    "gpt2": "lm_head tied to wte (shared parameter); wpe called with position ids (1, T)",
-    "bert": "position_embeddings called with position ids (1, T)",
-    "vit": "cls_token and pos_embed held by VisionTransformer itself",
-    "convnext": "layer scale γ held by ConvNeXtBlock itself",
-}
 # Local mode keeps each layer's output tensor Y for Δ = 2Y; a later in-place op (ReLU(inplace=True),
 # Hardswish(inplace=True), torchvision's `out += identity`) overwrites it before the rule runs.
 LOCAL_KNOWN_WRONG = {
-    "bert": "position_embeddings called with position ids (1, T): no sample dimension",
     "resnet18": "BatchNorm output overwritten in place (ReLU(inplace=True), out += identity) before Δ = 2Y",
     "mobilenet_v3": "BatchNorm output overwritten in place (Hardswish/ReLU inplace) before Δ = 2Y",
 }
@@ -178,19 +168,12 @@ def test_local_refuses_what_it_cannot_define(name):
         batch_importance(model, x, trainable(model), "local", ZOO[name].output_fn, "reference")
 
 
-@pytest.mark.parametrize("name", [_mark(n, NEEDS_MODULE_LOCAL) for n in ZOO])
-def test_no_parameter_uses_the_whole_model_fallback(name, monkeypatch):
+@pytest.mark.parametrize("name", list(ZOO))
+def test_no_parameter_uses_the_whole_model_fallback(name):
     model, x, _ = zoo_case(name)
     mas = MAS(model, output_fn=ZOO[name].output_fn, backend="reference")
-    if hasattr(mas, "coverage"):  # {param: "rule" | "module-local" | "whole-model"}, dry pass with x
-        whole = sorted(n for n, how in mas.coverage(x).items() if how == "whole-model")
-        assert not whole, f"{name}: whole-model fallback for {whole}"
-    monkeypatch.setattr(fallback, "_warned", set())  # warn_once: every cause warns again here
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mas.accumulate(x)
-    causes = sorted({str(w.message) for w in caught if WHOLE_MODEL_FALLBACK in str(w.message)})
-    assert not causes, f"{name}: " + "; ".join(causes)
+    whole = sorted(n for n, how in mas.coverage(x).items() if how == "whole-model")  # a dry pass on x
+    assert not whole, f"{name}: whole-model fallback for {whole}"
 
 
 @pytest.mark.slow

@@ -2,9 +2,11 @@
 
 Three modes (see DESIGN.md):
 - "per_sample": Σ_k |∂‖F(x_k)‖²/∂θ| — the paper. One forward and one backward with
-  capture hooks, exact rules per layer type, torch.func fallback for the rest.
+  capture hooks; per module its exact rule, else the module-local path, else the
+  whole-model torch.func fallback, each fast path verified against autograd (per_sample.py).
 - "batch": |∂ Σ_k ‖F(x_k)‖²/∂θ| — the authors' code / Avalanche (signs cancel in a batch).
-- "local": each layer's own ‖Y‖² as the function (Hebbian variant): Δ = 2·Y, no backward.
+- "local": each layer's own ‖Y‖² as the function (Hebbian variant): Δ = 2·Y through the
+  rules, else the module's own per-sample gradient, rules verified too (local_mode.py).
 """
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
-from .capture import Site, eval_mode, hooked, stream_deltas, without_autocast
-from .fallback import model_per_sample, module_local, squared_norm, warn_once
+from .capture import Site, eval_mode
+from .fallback import squared_norm
+from .local_mode import local_sums
+from .per_sample import per_sample_sums
 from .rules import rule_for
+from .state import RULE, WHOLE_MODEL, ImportanceState, describe
 from ..ops.policy import acc_dtype
 
 Tensor = torch.Tensor
@@ -52,9 +57,15 @@ def output_tensor(output: Any, output_fn: OutputFn, batch: int) -> Tensor:
     return F
 
 
-def sites_of(model: nn.Module, params: dict[str, Tensor], mode: str, batch: int) -> list[Site]:
+def sites_of(model: nn.Module, params: dict[str, Tensor], mode: str, batch: int,
+             levels: Optional[dict[str, str]] = None) -> list[Site]:
     """One Site per module holding some of `params` (canonical name → tensor) directly; a rule's
-    `claims` (attention's out_proj) fold a child's parameters into its parent's site."""
+    `claims` (attention's out_proj) fold a child's parameters into its parent's site.
+
+    With `levels` (per_sample mode: module path → demoted path), a module without a rule,
+    holding a shared parameter or demoted from its rule gets a module-local site, and one
+    demoted to the whole-model fallback a site without either.
+    """
     owners: dict[int, int] = {}
     for m in model.modules():
         for _, p in m.named_parameters(recurse=False):
@@ -62,7 +73,7 @@ def sites_of(model: nn.Module, params: dict[str, Tensor], mode: str, batch: int)
     name_of = {id(p): n for n, p in params.items()}
     claimed: set[int] = set()  # children covered by their parent's rule (modules() is pre-order)
     sites = []
-    for m in model.modules():
+    for path, m in model.named_modules():
         if id(m) in claimed:
             continue
         own = {a: name_of[id(p)] for a, p in m.named_parameters(recurse=False) if id(p) in name_of}
@@ -70,16 +81,22 @@ def sites_of(model: nn.Module, params: dict[str, Tensor], mode: str, batch: int)
             continue
         shared = any(owners[id(m.get_parameter(a))] > 1 for a in own)
         if shared and mode == "local":
-            raise ValueError(f"mode='local' is undefined for parameters shared between modules "
-                             f"({', '.join(own.values())} in {type(m).__name__}); use "
+            raise ValueError(f"mode='local' is undefined for parameters shared between modules: "
+                             f"{', '.join(own.values())} of {describe(path, m)} (a layer's own output "
+                             "does not determine a parameter that other layers also use); use "
                              "mode='per_sample'")
-        rule = None if shared else rule_for(m)
+        level = (levels or {}).get(path, RULE)
+        rule = rule_for(m)
         for child_name in getattr(rule, "claims", ()):
             child = m.get_submodule(child_name)
             claimed.add(id(child))
             own.update({f"{child_name}.{a}": name_of[id(p)] for a, p in child.named_parameters(recurse=False)
                         if id(p) in name_of and owners[id(p)] == 1})
-        sites.append(Site(m, own, rule, batch=batch, keep_calls=mode == "local", shared=shared))
+        if shared or level != RULE:
+            rule = None
+        local = levels is not None and rule is None and level != WHOLE_MODEL
+        sites.append(Site(m, own, rule, batch=batch, keep_calls=mode == "local", shared=shared, path=path,
+                          local=local))
     return sites
 
 
@@ -87,44 +104,17 @@ def _zeros(p: Tensor) -> Tensor:
     return torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device)
 
 
-def _fallback_reason(site: Site) -> str:
-    kind = type(site.module).__name__
-    if site.shared:
-        return f"{kind} shares parameters with another module"
-    if site.rule is None:
-        return f"no exact rule for {kind}"
-    if site.unmatched is not None:
-        return (f"{kind}'s input {site.unmatched} has no single dimension of the batch's size to "
-                "index the samples (flattened or seq-first with T == B)")
-    return f"{kind} was called {site.calls} times in one forward"
+def _per_sample(model, x, params, output_fn, backend, batch, state: ImportanceState,
+                verify: bool) -> dict[str, Tensor]:
+    output_of = output_fn or (lambda out: out)
+    return per_sample_sums(
+        model, x, params, lambda: sites_of(model, params, "per_sample", batch, state.levels),
+        lambda: squared_norm(output_tensor(model(x), output_fn, batch)),
+        lambda out: squared_norm(output_of(out)), backend, batch, state, verify)
 
 
-def fallback_notice(sites: list[Site], names: set[str]) -> None:
-    """Warn once per cause for the sites whose parameters go to the generic fallback."""
-    for s in sites:
-        if any(n in names for n in s.params.values()):
-            warn_once(_fallback_reason(s))
-
-
-def _per_sample(model, x, params, output_fn, backend, batch) -> dict[str, Tensor]:
-    sites = sites_of(model, params, "per_sample", batch)
-    sums: dict[str, Tensor] = {}
-
-    def apply_rule(site: Site, delta: Tensor) -> None:
-        for attr, value in site.rule(site.module, site.x, delta, frozenset(site.params), backend).items():
-            sums[site.params[attr]] = value
-
-    used = stream_deltas(sites, lambda: squared_norm(output_tensor(model(x), output_fn, batch)),
-                         apply_rule, params)
-    if used:
-        fallback_notice(sites, used)
-        output_of = output_fn or (lambda out: out)
-        sums.update(model_per_sample(model, x, {n: params[n] for n in used},
-                                     lambda out, _: squared_norm(output_of(out)), batch))
-    return sums
-
-
-def _batch(model, x, params, output_fn, batch) -> dict[str, Tensor]:
+def _batch(model, x, params, output_fn, batch, state: ImportanceState) -> dict[str, Tensor]:
+    state.record_coverage({n: "batch" for n in params})
     with torch.enable_grad():
         F = output_tensor(model(x), output_fn, batch)
         total = squared_norm(F)
@@ -134,50 +124,48 @@ def _batch(model, x, params, output_fn, batch) -> dict[str, Tensor]:
     return {n: g.to(acc_dtype(g.dtype)).abs() for n, g in zip(params, grads) if g is not None}
 
 
-def _local(model, x, params, output_fn, backend, batch) -> dict[str, Tensor]:
-    sites = sites_of(model, params, "local", batch)
-    with hooked(sites), torch.no_grad():
-        output_tensor(model(x), output_fn, batch)
-    sums: dict[str, Tensor] = {}
-    for s in sites:
-        wanted = frozenset(s.params)
-        if s.ruled:
-            doubled = tuple(2 * t if isinstance(t, Tensor) else None for t in
-                            (s.y if isinstance(s.y, tuple) else (s.y,)))  # Δ = 2Y: ∂‖Y‖²/∂Y
-            with without_autocast(doubled[0].device):
-                values = s.rule(s.module, s.x, doubled if s.needs_call else s.samples_first(doubled[0]),
-                                wanted, backend)
-        elif s.calls:
-            warn_once(_fallback_reason(s))
-            own = {a: getattr(s.module, a) for a in wanted}
-            values = module_local(s.module, s.call_args, own, batch)
-        else:
-            values = {}
-        sums.update({s.params[a]: v for a, v in values.items()})
-        s.release()
-    return sums
+def _outside_inference_mode(x: Any, params: dict[str, Tensor]) -> Any:
+    """`x` usable by autograd: inference tensors (made under torch.inference_mode) are copied
+    into normal ones. Parameters that are inference tensors cannot be differentiated at all."""
+    frozen = [n for n, p in params.items() if p.is_inference()]
+    if frozen:
+        raise TypeError(f"parameters {frozen} were created under torch.inference_mode() and cannot be "
+                        "differentiated; create the model outside inference mode")
+    return tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, x)
 
 
 def batch_importance(model: nn.Module, x: Any, params: dict[str, Tensor], mode: str,
-                     output_fn: OutputFn = None, backend: str = "auto") -> tuple[dict[str, Tensor], int]:
+                     output_fn: OutputFn = None, backend: str = "auto", verify: bool = True,
+                     state: Optional[ImportanceState] = None) -> tuple[dict[str, Tensor], int]:
     """Σ over the samples of `x` of |g| for every parameter in `params`, and the sample count.
 
-    Runs in eval mode (each module's mode restored), never touches `.grad`. Every
+    Runs in eval mode (each module's mode restored), never touches `.grad`, and works under
+    torch.no_grad() and torch.inference_mode() (it enables what the pass needs). Every
     returned tensor is float32 (float64 for float64 parameters) and finite, else
     NonFiniteError is raised.
+
+    `verify` (per_sample mode): check each rule and module-local path against autograd's
+    batch gradient on the first batch of `state`'s pass (see per_sample.py); `state` carries
+    demotions, warnings and coverage between batches (a fresh one when None).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
     batch = batch_size(x)
     if batch == 0:
         raise ValueError("the input batch is empty (0 samples)")
-    with eval_mode(model):
+    state = state if state is not None else ImportanceState()
+    with torch.inference_mode(False), eval_mode(model):
+        x = _outside_inference_mode(x, params)
         if mode == "per_sample":
-            sums = _per_sample(model, x, params, output_fn, backend, batch)
+            sums = _per_sample(model, x, params, output_fn, backend, batch, state, verify)
         elif mode == "batch":
-            sums = _batch(model, x, params, output_fn, batch)
+            sums = _batch(model, x, params, output_fn, batch, state)
         else:
-            sums = _local(model, x, params, output_fn, backend, batch)
+            sites = sites_of(model, params, "local", batch)
+            sums = local_sums(sites, lambda: output_tensor(model(x), output_fn, batch), backend, batch, state,
+                              verify)
     result = {n: sums[n] if n in sums else _zeros(p) for n, p in params.items()}
     peaks = [v.amax() for v in result.values() if v.numel()]
     if peaks and not bool(torch.isfinite(torch.stack([p.to(torch.float64) for p in peaks])).all()):
@@ -187,5 +175,5 @@ def batch_importance(model: nn.Module, x: Any, params: dict[str, Tensor], mode: 
     return result, batch
 
 
-__all__ = ["MODES", "NonFiniteError", "batch_importance", "batch_size", "fallback_notice", "output_tensor",
+__all__ = ["MODES", "ImportanceState", "NonFiniteError", "batch_importance", "batch_size", "output_tensor",
            "sites_of"]

@@ -9,7 +9,12 @@ ordinary backward, not one Δ per layer). Because the tap rewrites the output's 
 history, an in-place activation after the layer (ReLU(inplace=True)) still lets the
 tap see the layer's output gradient. Every tap also takes a dummy leaf, the `anchor`:
 asking autograd for the anchor's gradient makes it run exactly the nodes between the
-objective and the taps (input gradients only, no weight gradients).
+objective and the taps (input gradients only, no weight gradients). Verification asks for
+the parameters' gradients in the same backward.
+
+A module-local site (a module without a rule, or one demoted from its rule) records every
+call's inputs and taps every tensor of its output: its Δs are kept until the backward ends,
+when the module's own per-sample vector-Jacobian product turns them into Σ_k |g_k|.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .rules import Rule
 
@@ -28,42 +33,72 @@ Tensor = torch.Tensor
 
 
 class _Tap(torch.autograd.Function):
-    """Identity on a layer's output tensors (marked in place) whose backward delivers their
-    gradients to the site (None for an output the objective does not use)."""
+    """Identity on a layer's output tensors (marked in place) whose backward hands their
+    gradients to `receive` (None for an output the objective does not use)."""
 
     @staticmethod
-    def forward(ctx, anchor: Tensor, site: "Site", *outputs: Tensor):
+    def forward(ctx, anchor: Tensor, receive: Callable[[tuple], None], *outputs: Tensor):
         ctx.mark_dirty(*outputs)
         ctx.set_materialize_grads(False)
-        ctx.site = site
+        ctx.receive = receive
         return outputs
 
     @staticmethod
     def backward(ctx, *deltas: Optional[Tensor]):
-        ctx.site.deliver(deltas)
+        ctx.receive(deltas)
         return (None, None, *deltas)
 
 
-def _detached(tree: Any) -> Any:
+def _tappable(t: Tensor) -> Tensor:
+    """`t` itself, or a copy where an in-place identity cannot rewrite its history: a view's
+    history goes through its base (CopySlices, which loses the tap's edge to the anchor), and
+    a leaf (a module returning its parameter) cannot be modified in place."""
+    return t.clone() if t._is_view() or t.grad_fn is None else t
+
+
+def _tapped(anchor: Tensor, receive: Callable[[tuple], None], outputs: list) -> list:
+    """`outputs` with every tensor that requires grad threaded through one tap."""
+    where = [i for i, t in enumerate(outputs) if isinstance(t, Tensor) and t.requires_grad]
+    if not where:
+        return outputs
+    new = list(outputs)
+    for i, t in zip(where, _Tap.apply(anchor, lambda deltas: receive(where, deltas),
+                                      *[_tappable(outputs[i]) for i in where])):
+        new[i] = t
+    return new
+
+
+def detached(tree: Any) -> Any:
+    """`tree` with every tensor leaf detached from the graph."""
     return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: sites hold tensors
 class Site:
     """A module with trainable direct parameters, and what one forward recorded of it."""
 
     module: nn.Module
     params: dict[str, str]            # attribute (path) → canonical parameter name
-    rule: Optional[Rule]              # None → generic fallback
+    rule: Optional[Rule]              # None → module-local path (`local`) or whole-model fallback
     batch: int = 0                    # samples in the pass: the size of the layer's sample dim
     keep_calls: bool = False          # local fallback: keep (args, kwargs) of every call
     shared: bool = False              # a parameter also belongs to another module
+    path: str = ""                    # the module's name in the model
+    local: bool = False               # module-local capture: every call's inputs and output Δs
     calls: int = 0
     bdim: int = 0                     # the dimension of the layer's input that indexes samples
     unmatched: Optional[tuple] = None  # input shape without a unique sample dimension
     x: Any = None                     # the input, samples first (the whole call for `needs_call` rules)
     y: Any = None                     # the output (a tuple for `needs_call` rules)
     call_args: list = field(default_factory=list)
+    # module-local capture: per call [(args, kwargs), Δ per output leaf]; output shapes whose
+    # dimension 0 is not the batch (the per-sample VJP cannot split them)
+    local_calls: list = field(default_factory=list)
+    unbatched: Optional[tuple] = None
+    # per_sample capture: an output whose sample dimension has size 1 (position ids of shape
+    # (1, T)) may be expanded to the batch, so that each sample gets its own Δ
+    may_expand: bool = False
+    expanded: bool = False
     # per_sample capture: Δ goes to on_delta(site, Δ) during the backward of the anchor
     anchor: Optional[Tensor] = None
     on_delta: Optional[Callable[["Site", Any], None]] = None
@@ -74,6 +109,8 @@ class Site:
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         self.calls += 1
+        if self.local:
+            return self._local_hook(args, kwargs, output)
         if self.keep_calls:
             self.call_args.append((args, kwargs))
         outputs = output if self.needs_call and isinstance(output, tuple) else (output,)
@@ -82,23 +119,51 @@ class Site:
             return None
         first = args[0]
         dims = [d for d in self.rule.sample_dims(module, first) if first.shape[d] == self.batch]
+        if not dims and not self.needs_call and self._broadcast(first, outputs[0]) and \
+                0 in self.rule.sample_dims(module, first):
+            first, outputs = self._expand(first), (self._expand(outputs[0]),)
+            output, dims = outputs[0], [0]
         if len(dims) != 1:  # which dimension holds the samples is unknown: fallback
             self.x = self.y = None
             self.unmatched = tuple(first.shape)
             return None
         self.bdim = dims[0]
-        self.x = _detached((args, kwargs)) if self.needs_call else self.samples_first(first.detach())
+        self.x = detached((args, kwargs)) if self.needs_call else self.samples_first(first.detach())
         self.y = output
         if self.anchor is None:
             return None
-        # A view's in-place history goes through its base (CopySlices), which loses the tap's
-        # edge to the anchor: views are tapped through a copy.
-        tapped = [t.clone() if t._is_view() else t for t in outputs if isinstance(t, Tensor) and t.requires_grad]
-        if not tapped:
+        new = _tapped(self.anchor, lambda _, deltas: self.deliver(deltas), list(outputs))
+        return tuple(new) if self.needs_call and isinstance(output, tuple) else new[0]
+
+    def _broadcast(self, *tensors: Tensor) -> bool:
+        """True when the tensors have size 1 where the batch's samples would be (dimension 0)
+        and expanding them is allowed: the output is then only broadcast against batched tensors."""
+        return self.may_expand and self.anchor is not None and self.batch > 1 and \
+            all(t.dim() > 0 and t.shape[0] == 1 for t in tensors)
+
+    def _expand(self, t: Tensor) -> Tensor:
+        self.expanded = True
+        return t.expand(self.batch, *t.shape[1:])
+
+    def _local_hook(self, args: tuple, kwargs: dict, output: Any) -> Any:
+        leaves, spec = tree_flatten(output)
+        grads = [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
+        if grads and all(t.dim() > 0 and t.shape[0] != self.batch for t in grads) and self._broadcast(*grads):
+            leaves = [self._expand(t) if isinstance(t, Tensor) and t.requires_grad else t for t in leaves]
+        unbatched = [tuple(t.shape) for t in leaves if isinstance(t, Tensor) and t.requires_grad
+                     and (t.dim() == 0 or t.shape[0] != self.batch)]
+        if unbatched:
+            self.unbatched = tuple(unbatched)
+        if self.anchor is None or self.unbatched is not None:
             return None
-        it = iter(_Tap.apply(self.anchor, self, *tapped))
-        new = tuple(next(it) if isinstance(t, Tensor) and t.requires_grad else t for t in outputs)
-        return new if self.needs_call and isinstance(output, tuple) else new[0]
+        record = (detached((args, kwargs)), [None] * len(leaves))
+        self.local_calls.append(record)
+
+        def receive(where: list, deltas: tuple) -> None:
+            for i, d in zip(where, deltas):
+                record[1][i] = d
+
+        return tree_unflatten(_tapped(self.anchor, receive, leaves), spec)
 
     def deliver(self, deltas: tuple) -> None:
         """Δ of this layer's outputs (backward of the tap): run the callback, then forget X."""
@@ -126,6 +191,35 @@ class Site:
         """Drop the captured tensors as soon as the rule has used them."""
         self.x = self.y = None
         self.call_args.clear()
+        self.local_calls.clear()
+
+
+def run_and_stream(sites: list[Site], objective: Callable[[], Tensor],
+                   on_delta: Callable[[Site, Any], None],
+                   wanted: Callable[[Tensor], dict[str, Tensor]]) -> dict[str, Optional[Tensor]]:
+    """Run `objective()` (a forward ending in a scalar), then one backward that streams every
+    ruled site's Δ to `on_delta(site, Δ)` and returns autograd's gradients of the parameters
+    `wanted(objective value)` names (asked after the forward; None where unused).
+
+    Module-local sites keep their captures for the caller (who releases them); the others
+    are released here.
+    """
+    anchor = torch.zeros((), requires_grad=True)
+    for s in sites:
+        s.anchor, s.on_delta = anchor, on_delta
+    try:
+        with hooked(sites), torch.enable_grad():
+            total = objective()
+        params = wanted(total)
+        if not total.requires_grad:
+            return {n: None for n in params}
+        grads = torch.autograd.grad(total, [anchor, *params.values()], allow_unused=True)
+        return dict(zip(params, grads[1:]))
+    finally:
+        for s in sites:
+            s.anchor = s.on_delta = None
+            if not s.local:
+                s.release()
 
 
 def stream_deltas(sites: list[Site], objective: Callable[[], Tensor],
@@ -137,21 +231,9 @@ def stream_deltas(sites: list[Site], objective: Callable[[], Tensor],
     sites no rule covers that the objective depends on: those need the generic fallback,
     the others have zero gradient.
     """
-    anchor = torch.zeros((), requires_grad=True)
-    for s in sites:
-        s.anchor, s.on_delta = anchor, on_delta
-    try:
-        with hooked(sites), torch.enable_grad():
-            total = objective()
-        candidates = {n: params[n] for s in sites if not s.ruled for n in s.params.values()}
-        if not total.requires_grad:
-            return set()
-        grads = torch.autograd.grad(total, [anchor, *candidates.values()], allow_unused=True)
-        return {n for n, g in zip(candidates, grads[1:]) if g is not None}
-    finally:
-        for s in sites:
-            s.anchor = s.on_delta = None
-            s.release()
+    grads = run_and_stream(sites, objective, on_delta,
+                           lambda _: {n: params[n] for s in sites if not s.ruled for n in s.params.values()})
+    return {n for n, g in grads.items() if g is not None}
 
 
 @contextmanager

@@ -7,7 +7,7 @@ gradient of the whole model: the exact rules in rules.py are preferred wherever 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,17 +17,6 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from ..ops.policy import acc_dtype, samples_per_chunk
 
 Tensor = torch.Tensor
-
-_warned: set[str] = set()
-
-
-def warn_once(what: str) -> None:
-    """One warning per distinct cause, naming the module type that forced the fallback."""
-    if what not in _warned:
-        _warned.add(what)
-        warnings.warn(f"mas_fast: {what}; its parameters use the torch.func per-sample fallback "
-                      "(exact, but slower than the fused rules)", stacklevel=4)
-
 
 def squared_norm(output: Any) -> Tensor:
     """Σ ‖leaf‖² over the tensor leaves of a (possibly nested) output, in float32 or wider."""
@@ -46,13 +35,15 @@ def per_sample_grad_sum(
     inputs: Any,
     batch: int,
     statistic: Callable[[Tensor], Tensor] = torch.abs,
+    signed_out: Optional[dict[str, Tensor]] = None,
 ) -> dict[str, Tensor]:
     """Σ_k statistic(∂ fn(params, inputs_k) / ∂params) over the samples k of `inputs` (|·| by default).
 
     `fn` receives one sample's inputs with the batch dimension kept (size 1). Tensor
     leaves of `inputs` whose dimension 0 has size `batch` are split per sample; the
     others are shared. Chunks bound the per-sample gradients to `chunk_elements()`.
-    `torch.square` as the statistic gives Σ_k g_k², a diagonal Fisher.
+    `torch.square` as the statistic gives Σ_k g_k², a diagonal Fisher. With `signed_out`
+    (a dict), Σ_k g_k — the batch gradient, for verification — is written there too.
     """
     mask = _batched_mask(inputs, batch)
     leaves, spec = tree_flatten(inputs)
@@ -70,6 +61,8 @@ def per_sample_grad_sum(
     per_sample = vmap(grad(one_sample), in_dims=(None, in_dims))
     detached = {n: p.detach() for n, p in params.items()}
     sums = {n: torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device) for n, p in params.items()}
+    if signed_out is not None:
+        signed_out.update({n: torch.zeros_like(t) for n, t in sums.items()})
     step = samples_per_chunk(sum(p.numel() for p in params.values()), batch)
     # no_grad outside the transform: grad() still differentiates `fn`, but the results do not
     # join an outer graph through the model's other parameters, which would keep every chunk's
@@ -81,7 +74,10 @@ def per_sample_grad_sum(
         for s in range(0, batch, step):
             chunk = tree_unflatten([a[s:s + step] if m else a for a, m in zip(leaves, mask_leaves)], spec)
             for n, g in per_sample(detached, chunk).items():
-                sums[n] += statistic(g.to(sums[n].dtype)).sum(0)
+                g = g.to(sums[n].dtype)
+                sums[n] += statistic(g).sum(0)
+                if signed_out is not None:
+                    signed_out[n] += g.sum(0)
     return sums
 
 

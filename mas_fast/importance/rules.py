@@ -12,6 +12,7 @@ module uses directly (they are covered by the parent's rule, not by their own).
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Callable, Optional
 
 import torch
@@ -57,6 +58,26 @@ def linear_rule(module: nn.Linear, x: Tensor, delta: Tensor, wanted: frozenset, 
         lambda: ops.per_sample_abs_matmul(d3.unsqueeze(1), x3.unsqueeze(1), backend=backend)[0], backend)
 
 
+def _signed_bias_and_weight(wanted: frozenset, delta_nc: Tensor, weight_fn: Callable[[], Tensor]) -> dict:
+    """Signed twin of `_bias_and_weight`: delta_nc is (N, C), every position of every sample."""
+    out = {}
+    if "weight" in wanted:
+        out["weight"] = weight_fn()
+    if "bias" in wanted:
+        out["bias"] = delta_nc.sum(0)
+    return out
+
+
+def linear_signed(module: nn.Linear, x: Tensor, delta: Tensor, wanted: frozenset, backend: str) -> dict:
+    """Σ_k g_k of a Linear: Δᵀ X over all leading dimensions."""
+    dt = acc_dtype(x.dtype, delta.dtype)
+    d2 = delta.reshape(-1, delta.shape[-1]).to(dt)
+    return _signed_bias_and_weight(wanted, d2, lambda: d2.t() @ x.reshape(-1, x.shape[-1]).to(dt))
+
+
+linear_rule.signed = linear_signed
+
+
 def _conv_geometry(module: nn.Module, x: Tensor):
     """Input padded as the convolution sees it, and the remaining symmetric zero padding."""
     nd = len(module.kernel_size)
@@ -94,6 +115,22 @@ def conv_rule(module: nn.Module, x: Tensor, delta: Tensor, wanted: frozenset, ba
     return _bias_and_weight(module, wanted, delta.reshape(B, C, -1).transpose(1, 2), weight, backend)
 
 
+def conv_signed(module: nn.Module, x: Tensor, delta: Tensor, wanted: frozenset, backend: str) -> dict:
+    """Σ_k g_k of a convolution: torch.nn.grad.conv{1,2}d_weight on the padded input."""
+    nd = len(module.kernel_size)
+    dt = acc_dtype(x.dtype, delta.dtype)
+    xp, padding = _conv_geometry(module, x)
+    weight_grad = torch.nn.grad.conv1d_weight if nd == 1 else torch.nn.grad.conv2d_weight
+    C = delta.shape[1]
+    return _signed_bias_and_weight(
+        wanted, delta.to(dt).transpose(0, 1).reshape(C, -1).t(),
+        lambda: weight_grad(xp.to(dt), module.weight.shape, delta.to(dt), module.stride, padding,
+                            module.dilation, module.groups))
+
+
+conv_rule.signed = conv_signed
+
+
 def _affine(module: nn.Module, x_hat: Tensor, delta: Tensor, channels_last: bool,
             wanted: frozenset, backend: str) -> dict:
     """Norm-affine rule: γ gets Σ_k |Σ_t δ x̂|, β gets Σ_k |Σ_t δ|; shapes (B, T, C)."""
@@ -111,33 +148,66 @@ def _affine(module: nn.Module, x_hat: Tensor, delta: Tensor, channels_last: bool
     return {k: v.reshape(shape) for k, v in out.items()}
 
 
-def layer_norm_rule(module: nn.LayerNorm, x, delta, wanted, backend) -> dict:
+def _affine_signed(module: nn.Module, x_hat: Tensor, delta: Tensor, channels_last: bool,
+                   wanted: frozenset) -> dict:
+    """Signed twin of `_affine`: γ gets Σ δ x̂, β gets Σ δ over samples and positions."""
+    dt = acc_dtype(delta.dtype, x_hat.dtype)
+    shape = (module.weight if module.weight is not None else module.bias).shape
+    C = math.prod(shape) if channels_last else delta.shape[1]
+    if channels_last:
+        d2, s2 = delta.to(dt).reshape(-1, C), x_hat.to(dt).reshape(-1, C)
+    else:
+        d2 = delta.to(dt).transpose(0, 1).reshape(C, -1).t()
+        s2 = x_hat.to(dt).transpose(0, 1).reshape(C, -1).t()
+    out = _signed_bias_and_weight(wanted, d2, lambda: (d2 * s2).sum(0))
+    return {k: v.reshape(shape) for k, v in out.items()}
+
+
+def _layer_norm_hat(module: nn.LayerNorm, x: Tensor) -> Tensor:
     _batched(module, x, len(module.normalized_shape) + 1)
-    x_hat = F.layer_norm(x.to(acc_dtype(x.dtype)), module.normalized_shape, eps=module.eps)
-    return _affine(module, x_hat, delta, True, wanted, backend)
+    return F.layer_norm(x.to(acc_dtype(x.dtype)), module.normalized_shape, eps=module.eps)
 
 
-def rms_norm_rule(module: nn.Module, x, delta, wanted, backend) -> dict:
+def _rms_norm_hat(module: nn.Module, x: Tensor) -> Tensor:
     _batched(module, x, len(module.normalized_shape) + 1)
-    x_hat = F.rms_norm(x.to(acc_dtype(x.dtype)), module.normalized_shape, eps=module.eps)
-    return _affine(module, x_hat, delta, True, wanted, backend)
+    return F.rms_norm(x.to(acc_dtype(x.dtype)), module.normalized_shape, eps=module.eps)
 
 
-def group_norm_rule(module: nn.GroupNorm, x, delta, wanted, backend) -> dict:
+def _group_norm_hat(module: nn.GroupNorm, x: Tensor) -> Tensor:
     _batched(module, x, 2)
-    x_hat = F.group_norm(x.to(acc_dtype(x.dtype)), module.num_groups, eps=module.eps)
-    return _affine(module, x_hat, delta, False, wanted, backend)
+    return F.group_norm(x.to(acc_dtype(x.dtype)), module.num_groups, eps=module.eps)
 
 
-def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, x, delta, wanted, backend) -> dict:
-    """BatchNorm in eval mode: x̂ uses the running statistics, so samples are independent."""
+def _batch_norm_hat(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
     _batched(module, x, 2)
     dt = acc_dtype(x.dtype)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     mean = module.running_mean.to(dt).view(shape)
     var = module.running_var.to(dt).view(shape)
-    x_hat = (x.to(dt) - mean) / torch.sqrt(var + module.eps)
-    return _affine(module, x_hat, delta, False, wanted, backend)
+    return (x.to(dt) - mean) / torch.sqrt(var + module.eps)
+
+
+def layer_norm_rule(module: nn.LayerNorm, x, delta, wanted, backend) -> dict:
+    return _affine(module, _layer_norm_hat(module, x), delta, True, wanted, backend)
+
+
+def rms_norm_rule(module: nn.Module, x, delta, wanted, backend) -> dict:
+    return _affine(module, _rms_norm_hat(module, x), delta, True, wanted, backend)
+
+
+def group_norm_rule(module: nn.GroupNorm, x, delta, wanted, backend) -> dict:
+    return _affine(module, _group_norm_hat(module, x), delta, False, wanted, backend)
+
+
+def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, x, delta, wanted, backend) -> dict:
+    """BatchNorm in eval mode: x̂ uses the running statistics, so samples are independent."""
+    return _affine(module, _batch_norm_hat(module, x), delta, False, wanted, backend)
+
+
+layer_norm_rule.signed = lambda m, x, d, wanted, backend: _affine_signed(m, _layer_norm_hat(m, x), d, True, wanted)
+rms_norm_rule.signed = lambda m, x, d, wanted, backend: _affine_signed(m, _rms_norm_hat(m, x), d, True, wanted)
+group_norm_rule.signed = lambda m, x, d, wanted, backend: _affine_signed(m, _group_norm_hat(m, x), d, False, wanted)
+batch_norm_rule.signed = lambda m, x, d, wanted, backend: _affine_signed(m, _batch_norm_hat(m, x), d, False, wanted)
 
 
 def embedding_rule(module: nn.Embedding, x, delta, wanted, backend) -> dict:
@@ -150,13 +220,22 @@ def embedding_rule(module: nn.Embedding, x, delta, wanted, backend) -> dict:
                                              backend=backend)}
 
 
-def mha_rule(module: nn.MultiheadAttention, call: tuple, deltas: tuple, wanted: frozenset,
-             backend: str) -> dict:
-    """nn.MultiheadAttention: g_k = J_kᵀ δ_k, a per-sample vector-Jacobian product of the
-    attention module alone (torch.func, in chunks of samples), from its captured inputs and
-    output gradients — instead of per-sample gradients of the whole model. Covers the
-    projections (in_proj / q,k,v_proj, out_proj) and bias_k / bias_v.
-    """
+def embedding_signed(module: nn.Embedding, x, delta, wanted, backend) -> dict:
+    """Σ_k g_k of an Embedding: every position's δ added into its row (padding row stays 0)."""
+    dt = acc_dtype(delta.dtype)
+    idx = x.reshape(-1).long()
+    d = delta.reshape(idx.numel(), -1).to(dt)
+    if module.padding_idx is not None:
+        d = d * (idx != module.padding_idx % module.num_embeddings).unsqueeze(1).to(dt)
+    out = torch.zeros(module.num_embeddings, d.shape[1], dtype=dt, device=d.device)
+    return {"weight": out.index_add_(0, idx, d)}
+
+
+embedding_rule.signed = embedding_signed
+
+
+def _mha_vjp(module: nn.MultiheadAttention, call: tuple, deltas: tuple, wanted: frozenset):
+    """(objective, params, per-sample inputs, B) of attention's per-sample VJP."""
     args, kwargs = call
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     bound.apply_defaults()
@@ -192,7 +271,26 @@ def mha_rule(module: nn.MultiheadAttention, call: tuple, deltas: tuple, wanted: 
         return value
 
     params = {attr: module.get_parameter(attr) for attr in wanted}
-    return per_sample_grad_sum(objective, params, batched, B)
+    return objective, params, batched, B
+
+
+def mha_rule(module: nn.MultiheadAttention, call: tuple, deltas: tuple, wanted: frozenset,
+             backend: str) -> dict:
+    """nn.MultiheadAttention: g_k = J_kᵀ δ_k, a per-sample vector-Jacobian product of the
+    attention module alone (torch.func, in chunks of samples), from its captured inputs and
+    output gradients — instead of per-sample gradients of the whole model. Covers the
+    projections (in_proj / q,k,v_proj, out_proj) and bias_k / bias_v.
+    """
+    return per_sample_grad_sum(*_mha_vjp(module, call, deltas, wanted))
+
+
+def mha_signed(module: nn.MultiheadAttention, call: tuple, deltas: tuple, wanted: frozenset,
+               backend: str) -> dict:
+    """Σ_k g_k of attention: the same per-sample VJP, summed without the absolute value."""
+    return per_sample_grad_sum(*_mha_vjp(module, call, deltas, wanted), statistic=lambda g: g)
+
+
+mha_rule.signed = mha_signed
 
 
 mha_rule.needs_call = True

@@ -1,0 +1,122 @@
+"""mode="local" (the Hebbian variant): each layer's own output Y is the function.
+
+For a layer with a rule, Δ = 2Y (the gradient of its own ‖Y‖²) goes through the rule; for
+any other layer, the per-sample gradient of Σ_calls ‖module(args)‖² with respect to its own
+parameters (fallback.module_local). Both describe the module as it ran, forward hooks
+included. A verified pass (the same schedule as per_sample: first batch of a pass, and
+whenever the layers or their inputs change) keeps the graph of the forward and compares
+each rule's Σ_k g_k with autograd's gradient of that layer's Σ‖Y‖²: a rule that does not
+describe the layer (a hook that rescales the output, a subclass with another forward) is
+replaced by the module's own per-sample gradient, with a warning.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from .capture import Site, detached, hooked, without_autocast
+from .fallback import module_local, squared_norm
+from .state import MODULE_LOCAL, RULE, ImportanceState, describe
+from .verify import mismatch, tolerance
+
+Tensor = torch.Tensor
+
+
+def _rule_values(s: Site, backend: str, signed: bool) -> dict[str, Tensor]:
+    doubled = tuple(2 * t.detach() if isinstance(t, Tensor) else None for t in
+                    (s.y if isinstance(s.y, tuple) else (s.y,)))  # Δ = 2Y: ∂‖Y‖²/∂Y
+    rule = s.rule.signed if signed else s.rule
+    with without_autocast(doubled[0].device), torch.no_grad():
+        return rule(s.module, s.x, doubled if s.needs_call else s.samples_first(doubled[0]),
+                    frozenset(s.params), backend)
+
+
+def _rule_failure(s: Site, backend: str) -> str | None:
+    """Why the rule does not describe the layer's own ‖Y‖² (None when it does)."""
+    own = {a: s.module.get_parameter(a) for a in s.params}
+    grads = torch.autograd.grad(squared_norm(s.y), list(own.values()), retain_graph=True, allow_unused=True)
+    try:
+        signed = _rule_values(s, backend, signed=True)
+    except RuntimeError as e:
+        return f"its rule cannot process the captured tensors ({e})"
+    rtol = tolerance([p.dtype for p in own.values()] + [s.x.dtype if isinstance(s.x, Tensor) else torch.float32])
+    for (attr, p), g in zip(own.items(), grads):
+        why = mismatch(signed.get(attr), g, rtol)
+        if why is not None:
+            return f"its rule failed verification for {attr}: {why}"
+    return None
+
+
+def _why_not_ruled(s: Site, missing: frozenset) -> str:
+    if s.ruled:
+        return f"its rule does not compute {', '.join(sorted(missing))}"
+    if s.unmatched is not None:
+        return f"its input {s.unmatched} has no single dimension of the batch's size"
+    return f"no exact rule for {type(s.module).__name__} in mode='local'"
+
+
+def _own_gradients(s: Site, batch: int) -> dict[str, Tensor]:
+    """Σ_k |∂‖Y_k‖²/∂θ| from the module's own per-sample gradient. A module whose inputs are
+    all broadcast over the batch (position ids of shape (1, T)) computes the same Y for every
+    sample: B times the gradient of that one output."""
+    calls = detached(s.call_args)
+    own = {a: s.module.get_parameter(a) for a in s.params}
+    leaves = [t for t in tree_flatten(calls)[0] if isinstance(t, Tensor) and t.dim() > 0]
+    if any(t.shape[0] == batch for t in leaves):
+        return module_local(s.module, calls, own, batch)
+    if not any(t.shape[0] == 1 for t in leaves):
+        raise ValueError(f"mode='local' cannot compute {describe(s.path, s.module)}: none of its inputs "
+                         f"{[tuple(t.shape) for t in leaves]} has the batch's {batch} samples (or a single "
+                         "broadcast one) in dimension 0; use mode='per_sample'")
+    return {a: batch * v for a, v in module_local(s.module, calls, own, 1).items()}
+
+
+def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, batch: int,
+               state: ImportanceState, verify: bool) -> dict[str, Tensor]:
+    """Σ_k |∂‖Y_k‖²/∂θ| of every site's own parameters (canonical names); records the paths in `state`."""
+    for s in sites:
+        if state.levels.get(s.path) is not None:
+            s.rule = None
+    def run(keep_graph: bool) -> tuple:
+        for s in sites:
+            s.release()
+            s.calls, s.unmatched = 0, None
+        with hooked(sites), torch.set_grad_enabled(keep_graph):
+            forward()
+        return tuple((s.path, s.ruled, s.calls) for s in sites if s.calls)
+
+    # a pass's first batch keeps the forward's graph to verify; a later one only when the
+    # layers that ran (or how) differ from the verified ones, at the cost of a second forward
+    check = verify and state.verified_on is None
+    structure = run(keep_graph=check)
+    if verify and not check and state.needs_verification(structure):
+        check = True
+        structure = run(keep_graph=True)
+    sums: dict[str, Tensor] = {}
+    coverage: dict[str, str] = {}
+    for s in sites:
+        wanted = frozenset(s.params)
+        values, path = {}, RULE if s.rule is not None else MODULE_LOCAL
+        if s.ruled:
+            why = _rule_failure(s, backend) if check else None
+            if why is not None:
+                state.demote(s.path, s.module, MODULE_LOCAL, why)
+            else:
+                values = _rule_values(s, backend, signed=False)
+        if s.calls and set(values) != wanted:  # no rule, or one that does not describe the layer
+            if state.levels.get(s.path) is None:
+                state.warn(s.path, s.module, _why_not_ruled(s, wanted - set(values)), MODULE_LOCAL)
+            values = _own_gradients(s, batch)
+            path = MODULE_LOCAL
+        sums.update({s.params[a]: v for a, v in values.items()})
+        coverage.update({n: path for n in s.params.values()})
+        s.release()
+    if check:
+        state.verified_on = structure
+    state.record_coverage(coverage)
+    return sums
+
+
+__all__ = ["local_sums"]
