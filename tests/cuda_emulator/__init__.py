@@ -4,7 +4,7 @@ The kernel sources are compiled unchanged except for one rewrite, `k<<<cfg>>>(ar
 `::emu::launch(k, cfg, args)`, with UBSan on: an out-of-bounds index into a fixed array, a
 misaligned vector load or a signed overflow fails the call with UBSan's report (its source
 line). Buffers are CPU tensors: EmulatedCuda takes contiguous ones, like the raw entry
-points; cuda_emulator.ops.EmulatedOps adds what ops.cpp's CUDA wrappers do around them.
+points; cuda_emulator.ops.EmulatedOps adds what csrc/cuda/register.cpp does around them.
 """
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from mas_fast.ops.policy import acc_dtype
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 KERNELS = ROOT / "csrc" / "cuda"
+INTERFACE = ROOT / "csrc" / "mas_fast_kernels.h"  # the kernel interface shared with the CPU kernels
 BUILD = ROOT / "build" / "cuda_emulator"
 FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-fsanitize=undefined", "-Wall"]
-# mas_fast::cuda::DType
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+# mas_fast::DType (csrc/mas_fast_kernels.h)
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 Tensor = torch.Tensor
 
 
@@ -70,7 +70,7 @@ def rewrite_launches(source: str) -> str:
 def build() -> Path:
     """Compiles the emulated kernels once per source version; returns the shared library."""
     own = sorted(HERE.glob("*.cpp")) + sorted(HERE.glob("*.cu")) + sorted((HERE / "include").iterdir())
-    sources = sorted(KERNELS.iterdir()) + own
+    sources = sorted(KERNELS.iterdir()) + [INTERFACE] + own
     digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sources) +
                             " ".join(FLAGS).encode()).hexdigest()[:16]
     out_dir = BUILD / digest
@@ -80,11 +80,11 @@ def build() -> Path:
     src_dir = out_dir / f"src-{os.getpid()}"  # per process: parallel test runs do not collide
     src_dir.mkdir(parents=True, exist_ok=True)
     units = []
-    for path in [*sorted(KERNELS.iterdir()), *sorted(HERE.glob("*.cu"))]:
+    for path in [*sorted(KERNELS.glob("*.cu*")), *sorted(KERNELS.glob("*.h")), *sorted(HERE.glob("*.cu"))]:
         (src_dir / path.name).write_text(rewrite_launches(path.read_text()))
         if path.suffix == ".cu":
             units.append(src_dir / path.name)
-    cmd = [compiler(), *FLAGS, "-I", str(HERE / "include"), "-I", str(src_dir),
+    cmd = [compiler(), *FLAGS, "-I", str(HERE / "include"), "-I", str(src_dir), "-I", str(INTERFACE.parent),
            "-x", "c++", *map(str, units), "-x", "none", str(HERE / "emulator.cpp"), str(HERE / "bindings.cpp"),
            "-o", f"{lib}.{os.getpid()}.tmp"]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -94,20 +94,15 @@ def build() -> Path:
     return lib
 
 
-class _SgdArgs(ctypes.Structure):  # mas_fast::cuda::SgdArgs
-    _fields_ = [("n", ctypes.c_int), *[(f, ctypes.c_void_p) for f in
-                ("params", "grads", "momentum_buffers", "theta_star", "omega", "numels")],
-                *[(f, ctypes.c_double) for f in ("lam", "lr", "momentum", "dampening", "weight_decay")],
-                *[(f, ctypes.c_bool) for f in ("nesterov", "maximize", "init_buffers")],
-                ("partials", ctypes.c_void_p), ("out_penalty", ctypes.c_void_p)]
+class _SgdConfig(ctypes.Structure):  # mas_fast::SgdConfig
+    _fields_ = [*[(f, ctypes.c_double) for f in ("lam", "lr", "momentum", "dampening", "weight_decay")],
+                *[(f, ctypes.c_bool) for f in ("nesterov", "maximize", "init_buffers")]]
 
 
-class _AdamArgs(ctypes.Structure):  # mas_fast::cuda::AdamArgs
-    _fields_ = [("n", ctypes.c_int), *[(f, ctypes.c_void_p) for f in
-                ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "theta_star", "omega", "numels")],
-                *[(f, ctypes.c_double) for f in ("lam", "lr", "beta1", "beta2", "eps", "weight_decay", "step")],
-                *[(f, ctypes.c_bool) for f in ("decoupled_weight_decay", "maximize")],
-                ("partials", ctypes.c_void_p), ("out_penalty", ctypes.c_void_p)]
+class _AdamConfig(ctypes.Structure):  # mas_fast::AdamConfig
+    _fields_ = [*[(f, ctypes.c_double) for f in ("lam", "lr", "beta1", "beta2", "eps", "weight_decay")],
+                *[(f, ctypes.c_bool) for f in ("decoupled_weight_decay", "amsgrad", "maximize")],
+                ("steps", ctypes.POINTER(ctypes.c_double))]
 
 
 _ubsan_report = ""  # the first UBSan report of this process
@@ -174,10 +169,6 @@ class EmulatedCuda:
             self._guarded.append(t)
         return ctypes.c_void_p(t.data_ptr())
 
-    def _addresses(self, lists: Sequence[Optional[Sequence[Optional[Tensor]]]]) -> list[Optional[int]]:
-        """Addresses of pointer arrays for an argument struct (None: an absent list)."""
-        return [None if ts is None else ctypes.addressof(self._ptrs(ts)) for ts in lists]
-
     def _numels(self, tensors: Sequence[Tensor]) -> ctypes.Array:
         array = (ctypes.c_int64 * max(1, len(tensors)))(*[t.numel() for t in tensors])
         self._keep.append(array)
@@ -211,19 +202,22 @@ class EmulatedCuda:
                 raise EmulatorError(f"{op}: wrote past the end of a tensor of {t.numel()} elements")
 
     def _partials(self, tensors: Sequence[Tensor]) -> Tensor:
-        count = self.lib.emu_partials_len(len(tensors), self._numels(tensors))
+        count = self.lib.emu_partials_len(ctypes.c_int64(len(tensors)), self._numels(tensors))
         return _output((max(1, count),), torch.float64)
 
     # ------------------------------------------------------------------ penalty
+    # Penalty values come back as the kernels write them: a float64 scalar, λ included.
+    def _lists(self, params: Sequence[Tensor], *lists: Optional[Sequence[Optional[Tensor]]]) -> tuple:
+        """(dtype code, n, numel, pointer arrays): a TensorLists in flat arguments; None: a null list."""
+        return (DTYPE_CODE[params[0].dtype], ctypes.c_int64(len(params)), self._numels(params),
+                *[None if ts is None else self._ptrs(ts) for ts in lists])
+
     def penalty_and_grad_(self, params: Sequence[Tensor], grads: Optional[Sequence[Tensor]],
                           theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float) -> Tensor:
-        dtype = params[0].dtype
-        out = _output((), acc_dtype(dtype))
+        out = _output((), torch.float64)
         partials = self._partials(params)
-        self._run("penalty_and_grad", "emu_penalty_and_grad", DTYPE_CODE[dtype], len(params), self._ptrs(params),
-                  self._ptrs(grads) if grads is not None else None, self._ptrs(theta_star), self._ptrs(omega),
-                  self._numels(params), ctypes.c_double(lam), self._ptr(partials),
-                  self._ptr(out))
+        self._run("penalty_and_grad", "emu_penalty_and_grad", *self._lists(params, params, grads, theta_star, omega),
+                  ctypes.c_double(lam), self._ptr(partials), self._ptr(out))
         return out
 
     def penalty(self, params, theta_star, omega, lam: float) -> Tensor:
@@ -234,51 +228,48 @@ class EmulatedCuda:
         """The penalty's backward: grads = 2λ·upstream·Ω(θ − θ*), written into fresh tensors."""
         grads = [_output(tuple(p.shape), p.dtype) for p in params]
         scale = torch.tensor(2.0 * lam * upstream, dtype=torch.float64)
-        self._run("penalty_grad", "emu_penalty_grad", DTYPE_CODE[params[0].dtype], len(params), self._ptrs(params),
-                  self._ptrs(grads), self._ptrs(theta_star), self._ptrs(omega), self._numels(params),
+        self._run("penalty_grad", "emu_penalty_grad", *self._lists(params, params, grads, theta_star, omega),
                   self._ptr(scale))
         return grads
 
     # ------------------------------------------------------------------ Ω state
     def merge_(self, dst: Sequence[Tensor], src: Sequence[Tensor], a: float, b: float) -> None:
-        self._run("merge", "emu_merge", ctypes.c_bool(dst[0].dtype == torch.float64), len(dst), self._ptrs(dst),
-                  self._ptrs(src), self._numels(dst), ctypes.c_double(a), ctypes.c_double(b))
+        self._run("merge", "emu_merge", *self._lists(dst, dst, src), ctypes.c_double(a), ctypes.c_double(b))
 
     def running_mean_update_(self, means: Sequence[Tensor], comps: Sequence[Tensor], batch_sums: Sequence[Tensor],
                              count: int, batch_count: int) -> None:
-        self._run("running_mean_update", "emu_running_mean_update", ctypes.c_bool(means[0].dtype == torch.float64),
-                  len(means), self._ptrs(means), self._ptrs(comps), self._ptrs(batch_sums), self._numels(means),
+        self._run("running_mean_update", "emu_running_mean_update", *self._lists(means, means, comps, batch_sums),
                   ctypes.c_int64(count), ctypes.c_int64(batch_count))
 
     # ------------------------------------------------------------------ optimizers
     def sgd_step_(self, params, grads, momentum_buffers, theta_star, omega, *, lam, lr, momentum, dampening,
                   weight_decay, nesterov, maximize, init_buffers) -> Tensor:
-        out = _output((), acc_dtype(params[0].dtype))
+        out = _output((), torch.float64)
         partials = self._partials(params)
-        lists = [params, grads, momentum_buffers if momentum != 0 else None, theta_star, omega]
-        args = _SgdArgs(len(params), *self._addresses(lists), ctypes.addressof(self._numels(params)), lam, lr,
-                        momentum, dampening, weight_decay, nesterov, maximize, init_buffers, self._ptr(partials).value,
-                        self._ptr(out).value)
-        self._run("sgd_step", "emu_sgd_step", DTYPE_CODE[params[0].dtype], ctypes.byref(args))
+        config = _SgdConfig(lam, lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffers)
+        self._run("sgd_step", "emu_sgd_step",
+                  *self._lists(params, params, grads, momentum_buffers if momentum != 0 else None, theta_star, omega),
+                  ctypes.byref(config), self._ptr(partials), self._ptr(out))
         return out
 
     def adam_step_(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, theta_star, omega, *, step: float,
                    lam, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize) -> Tensor:
         """`step`: the step count after incrementing, shared by all tensors."""
-        out = _output((), acc_dtype(params[0].dtype))
+        out = _output((), torch.float64)
         partials = self._partials(params)
+        steps = (ctypes.c_double * 1)(step)
+        config = _AdamConfig(lam, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+                             ctypes.cast(steps, ctypes.POINTER(ctypes.c_double)))
         lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, theta_star, omega]
-        args = _AdamArgs(len(params), *self._addresses(lists), ctypes.addressof(self._numels(params)), lam, lr,
-                         beta1, beta2, eps, weight_decay, step, decoupled_weight_decay, maximize,
-                         self._ptr(partials).value, self._ptr(out).value)
-        self._run("adam_step", "emu_adam_step", DTYPE_CODE[params[0].dtype], ctypes.byref(args))
+        self._run("adam_step", "emu_adam_step", *self._lists(params, *lists), ctypes.byref(config),
+                  self._ptr(partials), self._ptr(out))
         return out
 
     # ------------------------------------------------------------------ importance
-    def per_sample_abs_sum(self, delta: Tensor, scale: Optional[Tensor] = None, out_double: bool = False) -> Tensor:
-        """Σ_k |Σ_t δ_ktc · s_ktc| for (B, T, C) CPU tensors of any strides."""
+    def per_sample_abs_sum(self, delta: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+        """Σ_k |Σ_t δ_ktc · s_ktc| for (B, T, C) CPU tensors of any strides, as float32."""
         B, T, C = delta.shape
-        out = _output((C,), torch.float64 if out_double else torch.float32)
+        out = _output((C,), torch.float32)
         slots = self.lib.emu_per_sample_abs_sum_workspace_len(ctypes.c_int64(B), ctypes.c_int64(C))
         workspace = _output((max(1, slots),), torch.float64)
         scale_strides = (ctypes.c_int64 * 3)(*scale.stride()) if scale is not None else None
@@ -286,8 +277,7 @@ class EmulatedCuda:
                   self._ptr(delta), (ctypes.c_int64 * 3)(*delta.stride()),
                   DTYPE_CODE[scale.dtype if scale is not None else torch.float32],
                   ctypes.c_void_p(scale.data_ptr() if scale is not None else None), scale_strides,
-                  ctypes.c_int64(B), ctypes.c_int64(T), ctypes.c_int64(C), ctypes.c_bool(out_double),
-                  self._ptr(out), self._ptr(workspace))
+                  ctypes.c_int64(B), ctypes.c_int64(T), ctypes.c_int64(C), self._ptr(out), self._ptr(workspace))
         return out
 
     # ------------------------------------------------------------------ the emulator's own checks

@@ -1,5 +1,5 @@
 """The emulated CUDA kernels behind mas_fast.ops.reference's signatures, for the property
-tests' op cases: what csrc/ops.cpp's CUDA wrappers do around the raw entry points —
+tests' op cases: what csrc/cuda/register.cpp does around the raw entry points —
 contiguous copies written back to strided targets, one launch group per (dtype, Adam step),
 and the penalty's autograd backward through the penalty_grad kernel."""
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _one_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 
 
 def _value(value: Tensor, omega: Sequence[Tensor]) -> Tensor:
-    """A step's penalty in Ω's dtype, float32 without Ω (as ops.cpp's sum_values)."""
+    """The kernels' float64 penalty in Ω's dtype, float32 without Ω (as register.cpp's sum_values)."""
     return value.to(omega[0].dtype if omega else torch.float32)
 
 
@@ -41,7 +41,7 @@ class _Penalty(torch.autograd.Function):
     def forward(ctx, emu: EmulatedCuda, lam: float, stars, omegas, *params):
         ctx.emu, ctx.lam, ctx.stars, ctx.omegas = emu, lam, stars, omegas
         ctx.save_for_backward(*params)
-        return emu.penalty(_contiguous(params), _contiguous(stars), _contiguous(omegas), lam)
+        return _value(emu.penalty(_contiguous(params), _contiguous(stars), _contiguous(omegas), lam), omegas)
 
     @staticmethod
     def backward(ctx, upstream):
@@ -69,7 +69,7 @@ class EmulatedOps:
         g = _contiguous(grads)
         value = self.emu.penalty_and_grad_(_contiguous(params), g, _contiguous(theta_star), _contiguous(omega), lam)
         _write_back(grads, g)
-        return value
+        return _value(value, omega)
 
     def merge_(self, dst, src, a: float, b: float) -> None:
         if dst:
