@@ -132,7 +132,7 @@ def _extensions_and_cmdclass():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         force = [("MAS_FAST_FORCE_CUDA_FAILURE", "1")] if _flag("MAS_FAST_FORCE_CUDA_FAILURE") else []
         extensions.append(cpp_extension.CUDAExtension(
-            CUDA, _sources("csrc/cuda/register.cpp", "csrc/validation.cpp") + cuda_sources, include_dirs=include,
+            CUDA, _sources("csrc/cuda/register.cpp", "csrc/cuda/host.cpp", "csrc/validation.cpp") + cuda_sources, include_dirs=include,
             define_macros=force, extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]}))
 
     class OptionalBuildExt(cpp_extension.BuildExtension):

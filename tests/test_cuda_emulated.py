@@ -15,7 +15,6 @@ from hypothesis import event, given, note
 from hypothesis import strategies as st
 
 import cuda_emulator
-from cuda_emulator.ops import EmulatedOps
 from mas_fast.ops import cuda, policy, reference
 from multi_tensor_cases import CHUNK, MANY_SIZES, SIZES, terms
 from op_cases import CASES, NATIVE, check_outputs, input_dtypes, tensor_args
@@ -60,7 +59,7 @@ def test_op_matches_its_oracle_on_random_inputs(emu, op, data):
     if op == "per_sample_abs_sum" and torch.float64 in input_dtypes(args):
         event("fp64 importance stays on the reference backend (no CUDA kernel)")
         return
-    actual = case.run(getattr(EmulatedOps(emu), op), args)
+    actual = case.run(getattr(emu, op), args)
     check_outputs(actual, case.brute_force(args), input_dtypes(args), "cpu")
 
 
@@ -206,10 +205,11 @@ def test_adam_steps(emu, dtype, options, offset):
     state = [[torch.zeros_like(p) for p in params] for _ in range(3)]  # exp_avg, exp_avg_sq, max_exp_avg_sq
     want_state = [clones(s) for s in state]
     steps = [torch.zeros((), dtype=torch.float32) for _ in params]
+    got_steps = [s.clone() for s in steps]
     hyper = dict(lam=0.8, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, **options)
     for step in range(1, 4):
         kernel_state = state if options["amsgrad"] else state[:2] + [[]]
-        got_value = emu.adam_step_(params, grads, *kernel_state, *kernel_terms, step=float(step), **hyper)
+        got_value = emu.adam_step_(params, grads, *kernel_state[:3], got_steps, *kernel_terms, **hyper)
         want_value = reference.adam_step_(want, grads, *want_state[:2], want_state[2] if options["amsgrad"] else [],
                                           steps, *ref_terms, **hyper)
         assert_close(got_value, want_value, policy.acc_dtype(dtype), f"penalty at step {step}")
@@ -250,3 +250,31 @@ def test_huge_importance_does_not_overflow_the_penalty(emu):
                               lam=1e-6, lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                               maximize=False, init_buffers=False)
     assert_close(sgd_value, exact, torch.float32, "penalty of the fused step")
+
+
+# --------------------------------------------------------------------------- host grouping
+
+
+def test_mixed_dtypes_and_step_counts_go_through_the_host_grouping(emu):
+    """csrc/cuda/host.cpp splits one call into a launch per dtype (and per Adam step count) and
+    sums the groups' penalties on the device: the result is the reference's on the whole list."""
+    lists = [terms([CHUNK + 3, 17], dtype, "cpu") for dtype in (torch.float32, torch.bfloat16, torch.float64)]
+    params, grads, stars, omegas = ([t for group in lists for t in group[k]] for k in range(4))
+    want_grads = clones(grads)
+    want = reference.penalty_and_grad_(params, want_grads, stars, omegas, 0.6)
+    got = emu.penalty_and_grad_(params, grads, stars, omegas, 0.6)
+    assert got.dtype == want.dtype
+    assert_close(got, want, torch.float32)
+    for a, b in zip(grads, want_grads):
+        assert_close(a, b, a.dtype)
+    steps = [torch.tensor(float(i % 3)) for i in range(len(params))]  # three step counts per dtype
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    want_p, want_state, want_steps = clones(params), [clones(s) for s in state], clones(steps)
+    hyper = dict(lam=0.6, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                 amsgrad=False, maximize=False)
+    got = emu.adam_step_(params, grads, *state, [], steps, stars, omegas, **hyper)
+    want = reference.adam_step_(want_p, grads, *want_state, [], want_steps, stars, omegas, **hyper)
+    assert_close(got, want, torch.float32)
+    assert [s.item() for s in steps] == [s.item() for s in want_steps]
+    for a, b in zip(params + state[0] + state[1], want_p + want_state[0] + want_state[1]):
+        assert_close(a, b, a.dtype)

@@ -2,7 +2,7 @@
 // reductions, out[c] = Σ_k |Σ_t δ[k,t,c] · s[k,t,c]|. Threads own columns c (coalesced
 // when C is the fastest dimension); blocks along y own interleaved samples and write one
 // partial row each; a second kernel sums the rows in fixed order (deterministic).
-#include "kernels.h"
+#include "cuda/kernels.h"
 #include "multi_tensor.cuh"
 
 namespace mas_fast {

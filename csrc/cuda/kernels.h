@@ -20,6 +20,9 @@ namespace cuda {
 // Number of double slots `partials` must hold for a multi-tensor reduction over `numel`.
 int64_t partials_len(int64_t n, const int64_t* numel);
 
+// *out = Σ values[0:n) in a fixed order (the penalty values of several calls).
+cudaError_t sum(const double* values, int64_t n, double* out, cudaStream_t stream);
+
 // λΣΩ(θ − θ*)² to *out, and grad += 2λΩ(θ − θ*) when t.grads is not null.
 cudaError_t penalty_and_grad(DType dtype, const TensorLists& t, double lam, double* partials, double* out,
                              cudaStream_t stream);

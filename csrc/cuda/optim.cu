@@ -3,7 +3,7 @@
 // reads anyway. Parameters MAS does not cover pass nullptr for θ*/Ω (a plain step).
 // Math in fp32 (fp64 for fp64 parameters); optimizer state is stored in the parameter dtype,
 // like torch.optim. The penalty at the parameters before the step is reduced on the side.
-#include "kernels.h"
+#include "cuda/kernels.h"
 #include "multi_tensor.cuh"
 #include "reduce.cuh"
 

@@ -1,6 +1,6 @@
 // Multi-tensor penalty: one pass over (θ, θ*, Ω, grad) that writes grad += 2λΩ(θ − θ*) and
 // reduces λ Σ Ω (θ − θ*)² — 20 bytes per fp32 parameter, the memory-bound minimum.
-#include "kernels.h"
+#include "cuda/kernels.h"
 #include "multi_tensor.cuh"
 #include "reduce.cuh"
 
@@ -78,6 +78,10 @@ struct PenaltyGradOp {
 }  // namespace
 
 int64_t partials_len(int64_t n, const int64_t* numel) { return total_chunks(n, numel); }
+
+cudaError_t sum(const double* values, int64_t n, double* out, cudaStream_t stream) {
+  return sum_partials(values, n, 1.0, out, stream);
+}
 
 cudaError_t penalty_and_grad(DType dtype, const TensorLists& t, double lam, double* partials, double* out,
                              cudaStream_t stream) {

@@ -1,7 +1,8 @@
 // CUDA implementations of the mas_fast ops (TORCH_LIBRARY_IMPL(mas_fast, CUDA)), built as the
 // separate extension mas_fast._C_cuda: the only CUDA file with torch headers. Validates every
-// argument, groups the tensors per dtype (and Adam step), and launches the torch-free kernels
-// of cuda/kernels.h on the current stream. Penalty values stay on the device (no host sync).
+// argument, makes contiguous copies (written back after), and hands all tensors to the
+// torch-free cuda/host.h, which groups them per dtype (and Adam step) into kernel launches on
+// the current stream. Penalty values stay on the device (no host sync).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -9,10 +10,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <map>
-#include <utility>
+#include <algorithm>
+#include <numeric>
 #include <vector>
 
+#include "cuda/host.h"
 #include "cuda/kernels.h"
 #include "tensor_lists.h"
 #include "validation.h"
@@ -45,22 +47,29 @@ at::Device cuda_device(const char* op, TensorList first) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-// Per-launch-group device doubles: the chunk partials and the group's penalty value.
+std::vector<int64_t> every(size_t n) {
+  std::vector<int64_t> index(n);
+  std::iota(index.begin(), index.end(), 0);
+  return index;
+}
+
+std::vector<DType> dtypes_of(TensorList list) {
+  std::vector<DType> dtypes;
+  for (const Tensor& t : list) dtypes.push_back(kernel_dtype(t.scalar_type()));
+  return dtypes;
+}
+
+// Device doubles for a penalty-reducing host call: its workspace and its value.
 struct Reduction {
-  Tensor partials, value;
-  Reduction(const GroupLists& g, const at::Device& device) {
+  Tensor workspace, value;
+  Reduction(TensorList params, const std::vector<DType>& dtypes, const double* steps, const at::Device& device) {
     const auto options = at::TensorOptions().dtype(at::kDouble).device(device);
-    partials = at::empty({std::max<int64_t>(1, cuda::partials_len(g.lists.n, g.lists.numel))}, options);
+    const std::vector<int64_t> numel = numels(params, every(params.size()));
+    const int64_t len = cuda::host::workspace_len(int64_t(params.size()), dtypes.data(), numel.data(), steps);
+    workspace = at::empty({std::max<int64_t>(1, len)}, options);
     value = at::empty({}, options);
   }
 };
-
-// Σ of the groups' values (double, on the device) in the dtype reference.py returns.
-Tensor sum_values(const std::vector<Tensor>& values, TensorList omega, const at::Device& device) {
-  Tensor total = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
-  for (const Tensor& v : values) total.add_(v);
-  return penalty_result(total, omega);
-}
 
 // λΣΩ(θ−θ*)², adding 2λΩ(θ−θ*) into grads when they are given (penalty_and_grad_).
 Tensor penalty_impl(const char* op, TensorList params, TensorList grads, TensorList theta_star, TensorList omega,
@@ -71,16 +80,13 @@ Tensor penalty_impl(const char* op, TensorList params, TensorList grads, TensorL
   else
     check_penalty_and_grad_op(op, params, grads, theta_star, omega, device);
   const c10::cuda::CUDAGuard guard(device);
-  std::vector<Tensor> values;
-  for (const auto& [dtype, index] : group_by_dtype(params)) {
-    GroupLists g(index, params, grads, theta_star, omega);
-    Reduction r(g, device);
-    check_launch(op, cuda::penalty_and_grad(dtype, g.lists, lam, r.partials.data_ptr<double>(),
-                                            r.value.data_ptr<double>(), stream()));
-    values.push_back(r.value);
-    g.grads.write_back();
-  }
-  return sum_values(values, omega, device);
+  const std::vector<DType> dtypes = dtypes_of(params);
+  GroupLists all(every(params.size()), params, grads, theta_star, omega);
+  Reduction r(params, dtypes, nullptr, device);
+  check_launch(op, cuda::host::penalty_and_grad(dtypes.data(), all.lists, lam, r.workspace.data_ptr<double>(),
+                                                r.value.data_ptr<double>(), stream()));
+  all.grads.write_back();
+  return penalty_result(r.value, omega);
 }
 
 Tensor penalty(TensorList params, TensorList theta_star, TensorList omega, double lam) {
@@ -105,10 +111,9 @@ std::vector<Tensor> penalty_backward(const Tensor& grad_out, TensorList params, 
   const Tensor scale = (grad_out.to(device, at::kDouble).reshape({}) * (2.0 * lam)).contiguous();
   std::vector<Tensor> grads;
   for (const Tensor& p : params) grads.push_back(at::empty(p.sizes(), p.options()));
-  for (const auto& [dtype, index] : group_by_dtype(params)) {
-    GroupLists g(index, params, grads, theta_star, omega);
-    check_launch(op, cuda::penalty_grad(dtype, g.lists, scale.data_ptr<double>(), stream()));
-  }
+  const std::vector<DType> dtypes = dtypes_of(params);
+  GroupLists all(every(params.size()), params, grads, theta_star, omega);
+  check_launch(op, cuda::host::penalty_grad(dtypes.data(), all.lists, scale.data_ptr<double>(), stream()));
   return grads;
 }
 
@@ -118,30 +123,30 @@ void merge(TensorList dst, TensorList src, double a, double b) {
   const at::Device device = cuda_device(op, dst);
   check_state_op(op, {{"dst", dst}, {"src", src}}, device);
   const c10::cuda::CUDAGuard guard(device);
-  for (const auto& [dtype, index] : group_by_dtype(dst)) {
-    Operand d(dst, index), s(src, index);
-    const std::vector<int64_t> numel = numels(dst, index);
-    check_launch(op, cuda::merge(dtype, int64_t(index.size()), numel.data(), d.ptrs(), s.ptrs(), a, b, stream()));
-    d.write_back();
-  }
+  const std::vector<int64_t> index = every(dst.size()), numel = numels(dst, index);
+  const std::vector<DType> dtypes = dtypes_of(dst);
+  Operand d(dst, index), s(src, index);
+  check_launch(op, cuda::host::merge(dtypes.data(), int64_t(index.size()), numel.data(), d.ptrs(), s.ptrs(), a, b,
+                                     stream()));
+  d.write_back();
 }
 
 void running_mean_update(TensorList means, TensorList comps, TensorList batch_sums, int64_t count,
                          int64_t batch_count) {
   const char* op = "mas_fast::running_mean_update_";
   check_counts(op, count, batch_count);
-  if (means.empty()) return check_state_op(op, {{"means", means}, {"comps", comps}, {"batch_sums", batch_sums}}, at::kCPU);
+  if (means.empty())
+    return check_state_op(op, {{"means", means}, {"comps", comps}, {"batch_sums", batch_sums}}, at::kCPU);
   const at::Device device = cuda_device(op, means);
   check_state_op(op, {{"means", means}, {"comps", comps}, {"batch_sums", batch_sums}}, device);
   const c10::cuda::CUDAGuard guard(device);
-  for (const auto& [dtype, index] : group_by_dtype(means)) {
-    Operand m(means, index), c(comps, index), s(batch_sums, index);
-    const std::vector<int64_t> numel = numels(means, index);
-    check_launch(op, cuda::running_mean_update(dtype, int64_t(index.size()), numel.data(), m.ptrs(), c.ptrs(),
-                                               s.ptrs(), count, batch_count, stream()));
-    m.write_back();
-    c.write_back();
-  }
+  const std::vector<int64_t> index = every(means.size()), numel = numels(means, index);
+  const std::vector<DType> dtypes = dtypes_of(means);
+  Operand m(means, index), c(comps, index), s(batch_sums, index);
+  check_launch(op, cuda::host::running_mean_update(dtypes.data(), int64_t(index.size()), numel.data(), m.ptrs(),
+                                                   c.ptrs(), s.ptrs(), count, batch_count, stream()));
+  m.write_back();
+  c.write_back();
 }
 
 Tensor sgd_step(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList theta_star,
@@ -152,18 +157,15 @@ Tensor sgd_step(TensorList params, TensorList grads, TensorList momentum_buffers
   check_sgd_op(op, params, grads, momentum_buffers, theta_star, omega, momentum, dampening, nesterov, device);
   const SgdConfig config{lam, lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffers};
   const c10::cuda::CUDAGuard guard(device);
-  std::vector<Tensor> values;
-  for (const auto& [dtype, index] : group_by_dtype(params)) {
-    GroupLists g(index, params, grads, theta_star, omega);
-    Operand buf(momentum_buffers, index);
-    Reduction r(g, device);
-    check_launch(op, cuda::sgd_step(dtype, g.lists, buf.ptrs(), config, r.partials.data_ptr<double>(),
-                                    r.value.data_ptr<double>(), stream()));
-    values.push_back(r.value);
-    g.params.write_back();
-    buf.write_back();
-  }
-  return sum_values(values, omega, device);
+  const std::vector<DType> dtypes = dtypes_of(params);
+  GroupLists all(every(params.size()), params, grads, theta_star, omega);
+  Operand buf(momentum_buffers, every(params.size()));
+  Reduction r(params, dtypes, nullptr, device);
+  check_launch(op, cuda::host::sgd_step(dtypes.data(), all.lists, buf.ptrs(), config, r.workspace.data_ptr<double>(),
+                                        r.value.data_ptr<double>(), stream()));
+  all.params.write_back();
+  buf.write_back();
+  return penalty_result(r.value, omega);
 }
 
 Tensor adam_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -174,29 +176,23 @@ Tensor adam_step(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
   const at::Device device = cuda_device(op, params);
   check_adam_op(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star, omega, amsgrad,
                 device);
-  // torch.optim: step += 1 first. One launch per (dtype, step count): the kernel takes the
-  // bias corrections as scalars.
-  std::map<std::pair<DType, double>, std::vector<int64_t>> groups;
-  for (const auto& [dtype, index] : group_by_dtype(params))
-    for (int64_t i : index) groups[{dtype, steps[i].add_(1).item<double>()}].push_back(i);
+  std::vector<double> new_steps;  // torch.optim: step += 1 first
+  for (const Tensor& s : steps) new_steps.push_back(s.add_(1).item<double>());
+  const AdamConfig config{lam,     lr,       beta1,    beta2, eps, weight_decay, decoupled_weight_decay,
+                          amsgrad, maximize, new_steps.data()};
   const c10::cuda::CUDAGuard guard(device);
-  std::vector<Tensor> values;
-  for (const auto& [key, index] : groups) {
-    const double step = key.second;
-    const AdamConfig config{lam,     lr,       beta1,    beta2, eps, weight_decay, decoupled_weight_decay,
-                            amsgrad, maximize, &step};
-    GroupLists g(index, params, grads, theta_star, omega);
-    Operand m(exp_avgs, index), v(exp_avg_sqs, index), vmax(max_exp_avg_sqs, index);
-    Reduction r(g, device);
-    check_launch(op, cuda::adam_step(key.first, g.lists, m.ptrs(), v.ptrs(), vmax.ptrs(), config,
-                                     r.partials.data_ptr<double>(), r.value.data_ptr<double>(), stream()));
-    values.push_back(r.value);
-    g.params.write_back();
-    m.write_back();
-    v.write_back();
-    vmax.write_back();
-  }
-  return sum_values(values, omega, device);
+  const std::vector<int64_t> index = every(params.size());
+  const std::vector<DType> dtypes = dtypes_of(params);
+  GroupLists all(index, params, grads, theta_star, omega);
+  Operand m(exp_avgs, index), v(exp_avg_sqs, index), vmax(max_exp_avg_sqs, index);
+  Reduction r(params, dtypes, new_steps.data(), device);
+  check_launch(op, cuda::host::adam_step(dtypes.data(), all.lists, m.ptrs(), v.ptrs(), vmax.ptrs(), config,
+                                         r.workspace.data_ptr<double>(), r.value.data_ptr<double>(), stream()));
+  all.params.write_back();
+  m.write_back();
+  v.write_back();
+  vmax.write_back();
+  return penalty_result(r.value, omega);
 }
 
 // Σ_k |Σ_t δ_ktc · s_ktc| for (B, T, C) of any strides: bias and norm-affine importance.

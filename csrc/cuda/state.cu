@@ -1,6 +1,6 @@
 // Ω state updates over many tensors in one launch: merge across tasks and the
 // Kahan-compensated running mean of the current task.
-#include "kernels.h"
+#include "cuda/kernels.h"
 #include "multi_tensor.cuh"
 
 namespace mas_fast {
