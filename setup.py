@@ -131,9 +131,10 @@ def _extensions_and_cmdclass():
     if no_cuda is None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         force = [("MAS_FAST_FORCE_CUDA_FAILURE", "1")] if _flag("MAS_FAST_FORCE_CUDA_FAILURE") else []
+        host = _sources("csrc/cuda/register.cpp", "csrc/cuda/host.cpp", "csrc/validation.cpp")
         extensions.append(cpp_extension.CUDAExtension(
-            CUDA, _sources("csrc/cuda/register.cpp", "csrc/cuda/host.cpp", "csrc/validation.cpp") + cuda_sources, include_dirs=include,
-            define_macros=force, extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]}))
+            CUDA, host + cuda_sources, include_dirs=include, define_macros=force,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]}))
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
         """Builds each part on its own; records in _build_status.json why a part is missing."""

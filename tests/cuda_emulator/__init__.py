@@ -23,8 +23,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-KERNELS = ROOT / "csrc" / "cuda"
-INTERFACE = ROOT / "csrc" / "mas_fast_kernels.h"  # the kernel interface shared with the CPU kernels
+CSRC = ROOT / "csrc"  # include root: mas_fast_kernels.h (the interface shared with the CPU kernels), cuda/
+KERNELS = CSRC / "cuda"
 BUILD = ROOT / "build" / "cuda_emulator"
 FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-fsanitize=undefined", "-Wall"]
 # mas_fast::DType (csrc/mas_fast_kernels.h)
@@ -70,7 +70,7 @@ def rewrite_launches(source: str) -> str:
 def build() -> Path:
     """Compiles the emulated kernels once per source version; returns the shared library."""
     own = sorted(HERE.glob("*.cpp")) + sorted(HERE.glob("*.cu")) + sorted((HERE / "include").iterdir())
-    sources = sorted(KERNELS.iterdir()) + [INTERFACE] + own
+    sources = sorted(KERNELS.iterdir()) + [CSRC / "mas_fast_kernels.h"] + own
     digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sources) +
                             " ".join(FLAGS).encode()).hexdigest()[:16]
     out_dir = BUILD / digest
@@ -84,8 +84,9 @@ def build() -> Path:
         (src_dir / path.name).write_text(rewrite_launches(path.read_text()))
         if path.suffix == ".cu":
             units.append(src_dir / path.name)
-    cmd = [compiler(), *FLAGS, "-I", str(HERE / "include"), "-I", str(src_dir), "-I", str(INTERFACE.parent),
-           "-x", "c++", *map(str, units), "-x", "none", str(KERNELS / "host.cpp"), str(HERE / "emulator.cpp"), str(HERE / "bindings.cpp"),
+    host = [KERNELS / "host.cpp", HERE / "emulator.cpp", HERE / "bindings.cpp"]  # no launches: compiled as they are
+    cmd = [compiler(), *FLAGS, "-I", str(HERE / "include"), "-I", str(src_dir), "-I", str(CSRC),
+           "-x", "c++", *map(str, units), "-x", "none", *map(str, host),
            "-o", f"{lib}.{os.getpid()}.tmp"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
