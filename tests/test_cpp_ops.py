@@ -304,6 +304,29 @@ def test_bad_input_raises_before_mutating():
 
 
 @requires_ext
+@pytest.mark.parametrize("op", ["penalty_and_grad_", "sgd_step_", "adam_step_"])
+def test_a_bad_third_tensor_leaves_everything_unwritten(op):
+    """The error names list and index, and comes before the first two tensors are written."""
+    params, grads, theta_star, omega = make_lists(torch.float32, shapes=[(4,), (2, 3), (5,)], noncontig=False)
+    state = [torch.ones_like(p) for p in params]
+    steps = [torch.tensor(1.0) for _ in params]
+    bad = [*omega[:2], omega[2].double()]
+    calls = {
+        "penalty_and_grad_": lambda: mt.penalty_and_grad_(params, grads, theta_star, bad, 1.0),
+        "sgd_step_": lambda: mt.sgd_step_(params, grads, state, theta_star, bad, 1.0, 0.1, 0.9, 0.0, 0.0, False,
+                                          False, False),
+        "adam_step_": lambda: mt.adam_step_(params, grads, state, clone(state), [], steps, theta_star, bad, 1.0,
+                                            0.1, 0.9, 0.99, 1e-8, 0.0, False, False, False),
+    }
+    before = [clone(ts) for ts in (params, grads, state)]
+    with pytest.raises(TypeError, match=r"omega\[2\] is Double, expected Float"):
+        calls[op]()
+    for written, saved in zip((params, grads, state), before):
+        assert all(torch.equal(a, b) for a, b in zip(written, saved))
+    assert [s.item() for s in steps] == [1.0, 1.0, 1.0]
+
+
+@requires_ext
 def test_adam_bad_step_counter_leaves_state_unchanged():
     params, grads, _, _ = make_lists(torch.float32, shapes=[(4,)], noncontig=False)
     p0, m, v = params[0].clone(), torch.zeros(4), torch.zeros(4)

@@ -30,7 +30,7 @@ def test_there_are_cuda_sources():
 def test_cu_compiles(source, tmp_path):
     cmd = [_nvcc(), "-O3", "-std=c++20", "-Werror", "all-warnings",
            "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
-           "-c", source, "-o", str(tmp_path / "out.o")]
+           "-I", os.path.join(ROOT, "csrc"), "-c", source, "-o", str(tmp_path / "out.o")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     with open(source) as f:

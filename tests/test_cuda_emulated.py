@@ -15,7 +15,6 @@ from hypothesis import event, given, note
 from hypothesis import strategies as st
 
 import cuda_emulator
-from cuda_emulator.ops import EmulatedOps
 from mas_fast.ops import AdamConfig, SGDConfig, cuda, policy, reference
 from multi_tensor_cases import CHUNK, MANY_SIZES, SIZES, terms
 from op_cases import CASES, NATIVE, check_outputs, input_dtypes, tensor_args
@@ -60,7 +59,7 @@ def test_op_matches_its_oracle_on_random_inputs(emu, op, data):
     if op == "per_sample_abs_sum" and torch.float64 in input_dtypes(args):
         event("fp64 importance stays on the reference backend (no CUDA kernel)")
         return
-    actual = case.run(getattr(EmulatedOps(emu), op), args)
+    actual = case.run(getattr(emu, op), args)
     check_outputs(actual, case.brute_force(args), input_dtypes(args), "cpu")
 
 
@@ -186,10 +185,9 @@ def test_sgd_steps(emu, dtype, options, offset):
     bufs = [torch.zeros_like(p) for p in params] if options["momentum"] else []
     want_bufs = clones(bufs)
     for step in range(3):
-        kwargs = dict(lam=0.8, lr=0.05, init_buffers=step == 0, **options)
-        got_value = emu.sgd_step_(params, grads, bufs, *kernel_terms, **kwargs)
-        want_value = reference.sgd_step_(want, grads, want_bufs, *ref_terms, 0.8, SGDConfig(lr=0.05, **options),
-                                         step == 0)
+        config = SGDConfig(lr=0.05, **options)
+        got_value = emu.sgd_step_(params, grads, bufs, *kernel_terms, 0.8, config, step == 0)
+        want_value = reference.sgd_step_(want, grads, want_bufs, *ref_terms, 0.8, config, step == 0)
         assert_close(got_value, want_value, policy.acc_dtype(dtype), f"penalty at step {step}")
     for a, b in zip(params + bufs, want + want_bufs):
         assert_close(a, b, dtype)
@@ -207,13 +205,13 @@ def test_adam_steps(emu, dtype, options, offset):
     state = [[torch.zeros_like(p) for p in params] for _ in range(3)]  # exp_avg, exp_avg_sq, max_exp_avg_sq
     want_state = [clones(s) for s in state]
     steps = [torch.zeros((), dtype=torch.float32) for _ in params]
-    hyper = dict(lam=0.8, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, **options)
+    got_steps = [s.clone() for s in steps]
+    config = AdamConfig(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, **options)
     for step in range(1, 4):
         kernel_state = state if options["amsgrad"] else state[:2] + [[]]
-        got_value = emu.adam_step_(params, grads, *kernel_state, *kernel_terms, step=float(step), **hyper)
+        got_value = emu.adam_step_(params, grads, *kernel_state[:3], got_steps, *kernel_terms, 0.8, config)
         want_value = reference.adam_step_(want, grads, *want_state[:2], want_state[2] if options["amsgrad"] else [],
-                                          steps, *ref_terms, 0.8,
-                                          AdamConfig(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, **options))
+                                          steps, *ref_terms, 0.8, config)
         assert_close(got_value, want_value, policy.acc_dtype(dtype), f"penalty at step {step}")
     for a, b in zip(params + state[0] + state[1], want + want_state[0] + want_state[1]):
         assert_close(a, b, dtype)
@@ -231,12 +229,11 @@ def test_per_sample_abs_sum(emu, delta_dtype, scale_dtype, shape):
     delta = torch.randn(shape[1], shape[0], shape[2], generator=g).to(delta_dtype).transpose(0, 1)
     scale = None if scale_dtype is None else torch.randn(shape, generator=g).to(scale_dtype)
     want = reference.per_sample_abs_sum(delta, scale)
-    for out_double in (False, True):
-        got = emu.per_sample_abs_sum(delta, scale, out_double=out_double)
-        assert got.dtype == (torch.float64 if out_double else torch.float32)
-        dtypes = [delta_dtype] + ([scale_dtype] if scale_dtype else [])
-        tol = torch.float32 if all(d == torch.float32 for d in dtypes) else torch.bfloat16
-        assert_close(got, want, tol)
+    got = emu.per_sample_abs_sum(delta, scale)
+    assert got.dtype == torch.float32
+    dtypes = [delta_dtype] + ([scale_dtype] if scale_dtype else [])
+    tol = torch.float32 if all(d == torch.float32 for d in dtypes) else torch.bfloat16
+    assert_close(got, want, tol)
 
 
 # --------------------------------------------------------------------------- numerics
@@ -250,6 +247,32 @@ def test_huge_importance_does_not_overflow_the_penalty(emu):
     assert_close(value, exact, torch.float32, "penalty")
     assert_close(got_grad, grad, torch.float32, "gradient")
     sgd_value = emu.sgd_step_([p.clone() for p in params], [torch.zeros_like(params[0])], [], stars, omegas,
-                              lam=1e-6, lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                              maximize=False, init_buffers=False)
+                              1e-6, SGDConfig(lr=0.0), False)
     assert_close(sgd_value, exact, torch.float32, "penalty of the fused step")
+
+
+# --------------------------------------------------------------------------- host grouping
+
+
+def test_mixed_dtypes_and_step_counts_go_through_the_host_grouping(emu):
+    """csrc/cuda/host.cpp splits one call into a launch per dtype (and per Adam step count) and
+    sums the groups' penalties on the device: the result is the reference's on the whole list."""
+    lists = [terms([CHUNK + 3, 17], dtype, "cpu") for dtype in (torch.float32, torch.bfloat16, torch.float64)]
+    params, grads, stars, omegas = ([t for group in lists for t in group[k]] for k in range(4))
+    want_grads = clones(grads)
+    want = reference.penalty_and_grad_(params, want_grads, stars, omegas, 0.6)
+    got = emu.penalty_and_grad_(params, grads, stars, omegas, 0.6)
+    assert got.dtype == want.dtype
+    assert_close(got, want, torch.float32)
+    for a, b in zip(grads, want_grads):
+        assert_close(a, b, a.dtype)
+    steps = [torch.tensor(float(i % 3)) for i in range(len(params))]  # three step counts per dtype
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    want_p, want_state, want_steps = clones(params), [clones(s) for s in state], clones(steps)
+    config = AdamConfig(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8)
+    got = emu.adam_step_(params, grads, *state, [], steps, stars, omegas, 0.6, config)
+    want = reference.adam_step_(want_p, grads, *want_state, [], want_steps, stars, omegas, 0.6, config)
+    assert_close(got, want, torch.float32)
+    assert [s.item() for s in steps] == [s.item() for s in want_steps]
+    for a, b in zip(params + state[0] + state[1], want_p + want_state[0] + want_state[1]):
+        assert_close(a, b, a.dtype)

@@ -9,6 +9,7 @@ import torch
 
 from backends import combos
 from mas_fast import MAS, ops
+from mas_fast.ops import AdamConfig, SGDConfig
 from models import make_case
 from tolerances import assert_close
 
@@ -112,3 +113,67 @@ def test_deterministic_mode_gives_bit_identical_importance(backend, device, case
         runs.append(mas.importance)
     for name, omega in runs[0].items():
         assert torch.equal(omega, runs[1][name]), f"{name} differs between runs"
+
+
+# --------------------------------------------------------------------------- overflow
+# A penalty beyond the float32 range is inf, as in reference.py (terms in float64, converted
+# at the end), never an error: every kernel backend returns what the reference returns.
+
+KERNEL_BACKENDS = ("cpp", "cuda")
+OVERFLOW_OPS = ["penalty", "penalty_and_grad_", "sgd_step_", "adam_step_"]
+SGD = SGDConfig(lr=0.5, momentum=0.9)
+ADAM = AdamConfig(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8)
+
+
+def overflow_inputs(device: str):
+    """fp32 (params, grads, θ*, Ω) with Ω ≈ 1e10: at λ = 1e30 both the penalty (~1e43) and
+    most gradient entries (2λΩ|θ−θ*| ~ 1e40) exceed the float32 range."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(5, 7), (300,), (2, 3, 4)]
+    params = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    stars = [p + torch.randn(p.shape, generator=g) for p in params]
+    omegas = [torch.rand(s, generator=g) * 1e10 + 1e9 for s in shapes]
+    return [[t.to(device) for t in ts] for ts in (params, grads, stars, omegas)]
+
+
+def _same(got, want, what: str) -> None:
+    """Equal up to fp32 round-off, with inf and NaN in the same places."""
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-5, atol=0.0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _run(module, op: str, lam: float, inputs, steps: int):
+    """(value, tensors it writes) after `steps` calls of `op` from `module` on copies of `inputs`."""
+    params, grads, stars, omegas = [[t.clone() for t in ts] for ts in inputs]
+    if op == "penalty":
+        return module.penalty(params, stars, omegas, lam), []
+    if op == "penalty_and_grad_":
+        return module.penalty_and_grad_(params, grads, stars, omegas, lam), grads
+    if op == "sgd_step_":
+        bufs = [torch.zeros_like(p) for p in params]
+        for step in range(steps):
+            value = module.sgd_step_(params, grads, bufs, stars, omegas, lam, SGD, step == 0)
+        return value, params + bufs
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    counters = [torch.zeros(()) for _ in params]
+    for _ in range(steps):
+        value = module.adam_step_(params, grads, *state, [], counters, stars, omegas, lam, ADAM)
+    return value, params + state[0] + state[1]
+
+
+# λ = 1e30 overflows every op at once; λ = 1e6 makes fused SGD diverge over a few steps (Adam's
+# normalised step does not diverge).
+OVERFLOW_CASES = [(c, 1e30, 1) for c in combos(OVERFLOW_OPS) if c.backend in KERNEL_BACKENDS] + \
+                 [(c, 1e6, 12) for c in combos(["sgd_step_"]) if c.backend in KERNEL_BACKENDS]
+
+
+@pytest.mark.parametrize("combo,lam,steps", OVERFLOW_CASES, ids=[f"{c}-lam{lam:g}" for c, lam, _ in OVERFLOW_CASES])
+def test_overflow_gives_what_the_reference_gives(combo, lam, steps):
+    inputs = overflow_inputs(combo.device)
+    want, want_written = _run(ops.reference, combo.op, lam, inputs, steps)
+    got, got_written = _run(ops._load(combo.backend)[0], combo.op, lam, inputs, steps)
+    assert not torch.isfinite(want), "the case must overflow the reference"
+    assert got.dtype == want.dtype
+    _same(got, want, "value")
+    for i, (a, b) in enumerate(zip(got_written, want_written)):
+        _same(a, b, f"written tensor {i}")

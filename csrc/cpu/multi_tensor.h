@@ -65,9 +65,15 @@ inline double lane_sum(int64_t begin, int64_t end, F&& term) {
 // Ω(θ−θ*)² of one element, in double: finite whenever the term itself fits a double, even
 // when Ω(θ−θ*) would overflow fp32. (Gradients are computed as (2λ·Ω)·(θ−θ*) for the same
 // reason: 2λΩ(θ−θ*) fits where Ω(θ−θ*) may not.)
-template <typename A>
-inline double penalty_term(A d, A om) {
+template <typename D, typename A>
+inline double penalty_term(D d, A om) {
   return double(om) * double(d) * double(d);
+}
+
+// θ − θ* in double (exact for float operands).
+template <typename A>
+inline double diff(A theta, A star) {
+  return double(theta) - double(star);
 }
 
 template <typename T> struct Type { using type = T; };
@@ -102,8 +108,5 @@ auto with_flag(bool flag, F&& f) {
 }
 
 template <typename T> inline T* ptr(void* const* list, int64_t i) { return static_cast<T*>(list[i]); }
-template <typename T> inline const T* ptr(const void* const* list, int64_t i) {
-  return static_cast<const T*>(list[i]);
-}
 
 }  // namespace mas_fast

@@ -44,10 +44,9 @@ double penalised_grads(const T* __restrict__ p, const T* __restrict__ g, const A
                        const A* __restrict__ om, int64_t begin, int64_t end, A two_lam, A* __restrict__ buf) {
   if constexpr (kPenalty) {
     return lane_sum(begin, end, [&](int64_t i) {
-      const A o = om[i];
-      const A d = load(p, i) - ts[i];
-      buf[i - begin] = load(g, i) + two_lam * o * d;
-      return penalty_term(d, o);
+      const A o = om[i], pv = load(p, i);
+      buf[i - begin] = load(g, i) + two_lam * o * (pv - ts[i]);  // in A, as reference.py's step
+      return penalty_term(diff(pv, ts[i]), o);
     });
   } else {
     for (int64_t i = begin; i < end; ++i) buf[i - begin] = load(g, i);
@@ -122,7 +121,7 @@ double sgd_step(DType dtype, const TensorLists& t, void* const* momentum_buffers
         return sum_over_chunks(t.n, t.numel, threads, [&](const Chunk& ch) {
           const int64_t i = ch.tensor;
           T* p = ptr<T>(t.params, i);
-          const T* g = ptr<T>(static_cast<const void* const*>(t.grads), i);
+          const T* g = ptr<T>(t.grads, i);
           T* buf = momentum ? ptr<T>(momentum_buffers, i) : nullptr;
           const A* ts = penalty ? ptr<A>(t.theta_star, i) : nullptr;
           const A* om = penalty ? ptr<A>(t.omega, i) : nullptr;
@@ -159,13 +158,16 @@ double adam_step(DType dtype, const TensorLists& t, void* const* exp_avgs, void*
         return sum_over_chunks(t.n, t.numel, threads, [&](const Chunk& ch) {
           const int64_t i = ch.tensor;
           T* p = ptr<T>(t.params, i);
-          const T* g = ptr<T>(static_cast<const void* const*>(t.grads), i);
+          const T* g = ptr<T>(t.grads, i);
           T* m = ptr<T>(exp_avgs, i);
           T* v = ptr<T>(exp_avg_sqs, i);
           T* vmax = amsgrad ? ptr<T>(max_exp_avg_sqs, i) : nullptr;
           const A* ts = penalty ? ptr<A>(t.theta_star, i) : nullptr;
           const A* om = penalty ? ptr<A>(t.omega, i) : nullptr;
-          const A neg_step = A(-c.step_size[i]), bc2_sqrt = A(c.bc2_sqrt[i]);
+          // torch.optim's bias corrections from the incremented step, in double
+          const double step = c.steps[i];
+          const A neg_step = A(-(c.lr / (1.0 - std::pow(c.beta1, step))));
+          const A bc2_sqrt = A(std::sqrt(1.0 - std::pow(c.beta2, step)));
           return over_blocks<A>(ch.begin, ch.end, [&](int64_t b, int64_t e, A* grads) {
             const double sum = penalised_grads<penalty>(p, g, ts, om, b, e, k.two_lam, grads);
             adam_update<amsgrad>(p, grads, m, v, vmax, b, e, k, neg_step, bc2_sqrt);

@@ -1,19 +1,21 @@
-// MAS penalty λΣΩ(θ−θ*)², its gradient 2λΩ(θ−θ*), and both in one pass.
+// MAS penalty λΣΩ(θ−θ*)², its gradient 2λΩ(θ−θ*), and both in one pass. As in reference.py,
+// θ−θ*, each term and each gradient entry are computed in double and rounded once: a huge
+// 2λΩ with a small θ−θ* gives the finite gradient the reference gives, not an early inf.
 #include "kernels.h"
 #include "multi_tensor.h"
 
 namespace mas_fast {
 namespace cpu {
 
-double penalty(DType dtype, const TensorLists& t, int threads) {
-  return dispatch_dtype(dtype, [&](auto type) {
+double penalty(DType dtype, const TensorLists& t, double lam, int threads) {
+  return lam * dispatch_dtype(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     using A = acc_t<T>;
     return sum_over_chunks(t.n, t.numel, threads, [&](const Chunk& c) {
       const T* p = ptr<T>(t.params, c.tensor);
       const A* ts = ptr<A>(t.theta_star, c.tensor);
       const A* om = ptr<A>(t.omega, c.tensor);
-      return lane_sum(c.begin, c.end, [&](int64_t i) { return penalty_term(load(p, i) - ts[i], om[i]); });
+      return lane_sum(c.begin, c.end, [&](int64_t i) { return penalty_term(diff(load(p, i), ts[i]), om[i]); });
     });
   });
 }
@@ -23,13 +25,13 @@ void penalty_grad(DType dtype, const TensorLists& t, double scale, int threads) 
     using T = typename decltype(type)::type;
     using A = acc_t<T>;
     for_each_chunk(t.n, t.numel, threads, [&](const Chunk& c) {
-      const A s = A(scale);  // locals (not captures) keep the loops vectorisable
+      const double s = scale;  // locals (not captures) keep the loops vectorisable
       const T* p = ptr<T>(t.params, c.tensor);
       T* g = ptr<T>(t.grads, c.tensor);
       const A* ts = ptr<A>(t.theta_star, c.tensor);
       const A* om = ptr<A>(t.omega, c.tensor);
 #pragma omp simd
-      for (int64_t i = c.begin; i < c.end; ++i) store(g, i, s * om[i] * (load(p, i) - ts[i]));
+      for (int64_t i = c.begin; i < c.end; ++i) store(g, i, A(s * double(om[i]) * diff(load(p, i), ts[i])));
     });
   });
 }
@@ -39,15 +41,15 @@ double penalty_and_grad(DType dtype, const TensorLists& t, double lam, int threa
     using T = typename decltype(type)::type;
     using A = acc_t<T>;
     return sum_over_chunks(t.n, t.numel, threads, [&](const Chunk& c) {
-      const A two_lam = A(2.0 * lam);
+      const double two_lam = 2.0 * lam;
       const T* p = ptr<T>(t.params, c.tensor);
       T* g = ptr<T>(t.grads, c.tensor);
       const A* ts = ptr<A>(t.theta_star, c.tensor);
       const A* om = ptr<A>(t.omega, c.tensor);
       return lane_sum(c.begin, c.end, [&](int64_t i) {
         const A o = om[i];  // read before the store to g: no reload, the loop vectorises
-        const A d = load(p, i) - ts[i];
-        store(g, i, load(g, i) + two_lam * o * d);
+        const double d = diff(load(p, i), ts[i]);
+        store(g, i, load(g, i) + A(two_lam * double(o) * d));
         return penalty_term(d, o);
       });
     });

@@ -5,8 +5,8 @@
 namespace mas_fast {
 namespace cpu {
 
-void merge(DType dtype, int64_t n, const int64_t* numel, void* const* dst, const void* const* src,
-           double a, double b, int threads) {
+void merge(DType dtype, int64_t n, const int64_t* numel, void* const* dst, void* const* src, double a,
+           double b, int threads) {
   dispatch_acc_dtype(dtype, [&](auto type) {
     using A = typename decltype(type)::type;
     for_each_chunk(n, numel, threads, [&](const Chunk& c) {
@@ -19,9 +19,8 @@ void merge(DType dtype, int64_t n, const int64_t* numel, void* const* dst, const
   });
 }
 
-void running_mean_update(DType dtype, int64_t n, const int64_t* numel, void* const* means,
-                         void* const* comps, const void* const* batch_sums, int64_t count,
-                         int64_t batch_count, int threads) {
+void running_mean_update(DType dtype, int64_t n, const int64_t* numel, void* const* means, void* const* comps,
+                         void* const* batch_sums, int64_t count, int64_t batch_count, int threads) {
   dispatch_acc_dtype(dtype, [&](auto type) {
     using A = typename decltype(type)::type;
     for_each_chunk(n, numel, threads, [&](const Chunk& c) {

@@ -2,7 +2,7 @@
 // reductions, out[c] = Σ_k |Σ_t δ[k,t,c] · s[k,t,c]|. Threads own columns c (coalesced
 // when C is the fastest dimension); blocks along y own interleaved samples and write one
 // partial row each; a second kernel sums the rows in fixed order (deterministic).
-#include "mas_cuda.h"
+#include "cuda/kernels.h"
 #include "multi_tensor.cuh"
 
 namespace mas_fast {
@@ -33,18 +33,17 @@ __global__ void __launch_bounds__(kCols) abs_sum_partials(const D* delta, int64_
   partials[blockIdx.y * C + c] = acc;
 }
 
-template <typename O>
-__global__ void sum_rows(const double* partials, int64_t rows, int64_t C, O* out) {
+__global__ void sum_rows(const double* partials, int64_t rows, int64_t C, float* out) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   double acc = 0.0;
   for (int64_t r = 0; r < rows; ++r) acc += partials[r * C + c];
-  out[c] = static_cast<O>(acc);
+  out[c] = static_cast<float>(acc);
 }
 
 template <typename D, typename Sc>
 cudaError_t launch(const void* delta, const int64_t* dst, const void* scale, const int64_t* sst, int64_t B,
-                   int64_t T, int64_t C, bool out_double, void* out, double* workspace, cudaStream_t stream) {
+                   int64_t T, int64_t C, float* out, double* workspace, cudaStream_t stream) {
   const int64_t splits = splits_for(B);
   const dim3 grid(static_cast<unsigned>((C + kCols - 1) / kCols), static_cast<unsigned>(splits));
   const int64_t zero[3] = {0, 0, 0};
@@ -55,27 +54,19 @@ cudaError_t launch(const void* delta, const int64_t* dst, const void* scale, con
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const unsigned blocks = static_cast<unsigned>((C + 255) / 256);
-  if (out_double) {
-    sum_rows<double><<<blocks, 256, 0, stream>>>(workspace, splits, C, static_cast<double*>(out));
-  } else {
-    sum_rows<float><<<blocks, 256, 0, stream>>>(workspace, splits, C, static_cast<float*>(out));
-  }
+  sum_rows<<<blocks, 256, 0, stream>>>(workspace, splits, C, out);
   return cudaGetLastError();
 }
 
 template <typename D>
 cudaError_t with_scale(DType scale_dtype, const void* delta, const int64_t* dst, const void* scale,
-                       const int64_t* sst, int64_t B, int64_t T, int64_t C, bool out_double, void* out,
-                       double* workspace, cudaStream_t stream) {
-  switch (scale_dtype) {
-    case DType::kFloat32: return launch<D, float>(delta, dst, scale, sst, B, T, C, out_double, out, workspace, stream);
-    case DType::kFloat16: return launch<D, __half>(delta, dst, scale, sst, B, T, C, out_double, out, workspace, stream);
-    case DType::kBFloat16:
-      return launch<D, __nv_bfloat16>(delta, dst, scale, sst, B, T, C, out_double, out, workspace, stream);
-    case DType::kFloat64:
-      break;
-  }
-  return cudaErrorInvalidValue;
+                       const int64_t* sst, int64_t B, int64_t T, int64_t C, float* out, double* workspace,
+                       cudaStream_t stream) {
+  if (scale_dtype == DType::f64) return cudaErrorInvalidValue;
+  return dispatch_dtype(scale_dtype, [&](auto type) {
+    using Sc = typename decltype(type)::type;
+    return launch<D, Sc>(delta, dst, scale, sst, B, T, C, out, workspace, stream);
+  });
 }
 
 }  // namespace
@@ -83,22 +74,15 @@ cudaError_t with_scale(DType scale_dtype, const void* delta, const int64_t* dst,
 int64_t per_sample_abs_sum_workspace_len(int64_t B, int64_t C) { return splits_for(B) * C; }
 
 cudaError_t per_sample_abs_sum(DType delta_dtype, const void* delta, const int64_t* delta_strides,
-                               DType scale_dtype, const void* scale, const int64_t* scale_strides,
-                               int64_t B, int64_t T, int64_t C, bool out_double, void* out,
-                               double* workspace, cudaStream_t stream) {
+                               DType scale_dtype, const void* scale, const int64_t* scale_strides, int64_t B,
+                               int64_t T, int64_t C, float* out, double* workspace, cudaStream_t stream) {
   if (C == 0) return cudaSuccess;
   if (scale == nullptr) scale_dtype = delta_dtype;
-  switch (delta_dtype) {
-    case DType::kFloat32:
-      return with_scale<float>(scale_dtype, delta, delta_strides, scale, scale_strides, B, T, C, out_double, out, workspace, stream);
-    case DType::kFloat16:
-      return with_scale<__half>(scale_dtype, delta, delta_strides, scale, scale_strides, B, T, C, out_double, out, workspace, stream);
-    case DType::kBFloat16:
-      return with_scale<__nv_bfloat16>(scale_dtype, delta, delta_strides, scale, scale_strides, B, T, C, out_double, out, workspace, stream);
-    case DType::kFloat64:  // fp64 importance stays on the reference backend
-      break;
-  }
-  return cudaErrorInvalidValue;
+  if (delta_dtype == DType::f64) return cudaErrorInvalidValue;  // fp64 importance stays on the reference backend
+  return dispatch_dtype(delta_dtype, [&](auto type) {
+    using D = typename decltype(type)::type;
+    return with_scale<D>(scale_dtype, delta, delta_strides, scale, scale_strides, B, T, C, out, workspace, stream);
+  });
 }
 
 }  // namespace cuda

@@ -13,8 +13,24 @@
 
 #include <cstdint>
 
+#include "mas_fast_kernels.h"
+
 namespace mas_fast {
 namespace cuda {
+
+template <typename T> struct Type { using type = T; };
+
+// Calls body(Type<P>{}) for the device type P of a parameter dtype.
+template <typename Body>
+cudaError_t dispatch_dtype(DType dtype, Body&& body) {
+  switch (dtype) {
+    case DType::f32: return body(Type<float>{});
+    case DType::f64: return body(Type<double>{});
+    case DType::bf16: return body(Type<__nv_bfloat16>{});
+    case DType::f16: return body(Type<__half>{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 constexpr int kChunk = 65536;     // elements per block
 constexpr int kThreads = 512;
@@ -130,8 +146,8 @@ __device__ __forceinline__ void for_each_slot(int64_t n, bool vec, F&& f) {
 
 // Ω(θ − θ*)² in fp64: Ω near the fp32 limit times a squared step of 2 would overflow fp32,
 // although λ·Σ fits (the CPU kernels and the reference do the same).
-template <typename M>
-__device__ __forceinline__ double penalty_term(M omega, M d) {
+template <typename W, typename D>
+__device__ __forceinline__ double penalty_term(W omega, D d) {
   return static_cast<double>(omega) * static_cast<double>(d) * static_cast<double>(d);
 }
 
@@ -177,22 +193,22 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(TensorListMeta<D
 inline int64_t chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
 
 // Total chunks (= partial slots) over a list of tensors.
-inline int64_t total_chunks(int n, const int64_t* numels) {
+inline int64_t total_chunks(int64_t n, const int64_t* numels) {
   int64_t c = 0;
-  for (int i = 0; i < n; ++i) c += chunks_of(numels[i]);
+  for (int64_t i = 0; i < n; ++i) c += chunks_of(numels[i]);
   return c;
 }
 
 // Host side: pack tensors and chunks into launches of at most Limits<DEPTH> each.
 // ptrs[d][i] is the address of list d's tensor i (nullptr allowed for an absent list).
 template <int DEPTH, typename Op>
-cudaError_t launch_multi_tensor(int n, void* const* const* ptrs, const int64_t* numels, Op op,
+cudaError_t launch_multi_tensor(int64_t n, void* const* const* ptrs, const int64_t* numels, Op op,
                                 double* partials, cudaStream_t stream) {
   TensorListMeta<DEPTH> meta;
   int tensors = 0, blocks = 0;
   int64_t global_chunk = 0;
   meta.first_global_chunk = 0;
-  for (int i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     if (numels[i] == 0) continue;
     for (int d = 0; d < DEPTH; ++d) meta.addresses[d][tensors] = ptrs[d] ? ptrs[d][i] : nullptr;
     meta.sizes[tensors] = numels[i];

@@ -3,7 +3,7 @@
 // reads anyway. Parameters MAS does not cover pass nullptr for θ*/Ω (a plain step).
 // Math in fp32 (fp64 for fp64 parameters); optimizer state is stored in the parameter dtype,
 // like torch.optim. The penalty at the parameters before the step is reduced on the side.
-#include "mas_cuda.h"
+#include "cuda/kernels.h"
 #include "multi_tensor.cuh"
 #include "reduce.cuh"
 
@@ -11,13 +11,12 @@ namespace mas_fast {
 namespace cuda {
 namespace {
 
-// Adds the penalty gradient to g and returns Ω d².
+// Adds the penalty gradient to g (in M, as reference.py's step) and returns Ω d² (in double).
 template <typename M, typename S>
 __device__ __forceinline__ double penalise(M& g, M theta, S star, S omega, M two_lam) {
-  const M d = theta - static_cast<M>(star);
   const M w = static_cast<M>(omega);
-  g += two_lam * w * d;
-  return penalty_term(w, d);
+  g += two_lam * w * (theta - static_cast<M>(star));
+  return penalty_term(w, static_cast<double>(theta) - static_cast<double>(star));
 }
 
 template <typename P, typename S>
@@ -122,56 +121,46 @@ struct AdamOp {
   }
 };
 
-template <int DEPTH, typename Op, typename S>
-cudaError_t run_with_penalty(int n, void* const* const* lists, const int64_t* numels, Op op, double lam,
-                             double* partials, void* out, cudaStream_t stream) {
-  cudaError_t err = launch_multi_tensor<DEPTH>(n, lists, numels, op, partials, stream);
-  if (err != cudaSuccess) return err;
-  return sum_partials(partials, total_chunks(n, numels), lam, static_cast<S*>(out), stream);
-}
-
-template <typename P, typename S>
-cudaError_t sgd(const SgdArgs& a, cudaStream_t stream) {
-  using M = typename MathOf<P>::type;
-  void* const* lists[5] = {a.params, a.grads, a.momentum_buffers, a.theta_star, a.omega};
-  SgdOp<P, S> op{static_cast<M>(2.0 * a.lam), static_cast<M>(a.lr), static_cast<M>(a.momentum),
-                 static_cast<M>(a.dampening), static_cast<M>(a.weight_decay), a.nesterov, a.maximize,
-                 a.init_buffers};
-  return run_with_penalty<5, SgdOp<P, S>, S>(a.n, lists, a.numels, op, a.lam, a.partials, a.out_penalty, stream);
-}
-
-template <typename P, typename S>
-cudaError_t adam(const AdamArgs& a, cudaStream_t stream) {
-  using M = typename MathOf<P>::type;
-  void* const* lists[7] = {a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.max_exp_avg_sqs, a.theta_star, a.omega};
-  const double bc1 = 1.0 - pow(a.beta1, a.step);
-  const double bc2 = 1.0 - pow(a.beta2, a.step);
-  AdamOp<P, S> op{static_cast<M>(2.0 * a.lam), static_cast<M>(a.lr), static_cast<M>(a.beta1),
-                  static_cast<M>(a.beta2), static_cast<M>(a.eps), static_cast<M>(a.weight_decay),
-                  static_cast<M>(a.lr / bc1), static_cast<M>(sqrt(bc2)), a.decoupled_weight_decay, a.maximize};
-  return run_with_penalty<7, AdamOp<P, S>, S>(a.n, lists, a.numels, op, a.lam, a.partials, a.out_penalty, stream);
+// Launches `op` over `lists`, then sums the chunks' penalty terms into *out (times λ).
+template <int DEPTH, typename Op>
+cudaError_t run_with_penalty(const TensorLists& t, void* const* const* lists, Op op, double lam, double* partials,
+                             double* out, cudaStream_t stream) {
+  const cudaError_t err = launch_multi_tensor<DEPTH>(t.n, lists, t.numel, op, partials, stream);
+  return err != cudaSuccess ? err : sum_partials(partials, total_chunks(t.n, t.numel), lam, out, stream);
 }
 
 }  // namespace
 
-cudaError_t sgd_step(DType dtype, const SgdArgs& args, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32: return sgd<float, float>(args, stream);
-    case DType::kFloat16: return sgd<__half, float>(args, stream);
-    case DType::kBFloat16: return sgd<__nv_bfloat16, float>(args, stream);
-    case DType::kFloat64: return sgd<double, double>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+cudaError_t sgd_step(DType dtype, const TensorLists& t, void* const* momentum_buffers, const SgdConfig& c,
+                     double* partials, double* out, cudaStream_t stream) {
+  void* const* lists[5] = {t.params, t.grads, c.momentum != 0 ? momentum_buffers : nullptr, t.theta_star, t.omega};
+  return dispatch_dtype(dtype, [&](auto type) {
+    using P = typename decltype(type)::type;
+    using M = typename MathOf<P>::type;
+    const SgdOp<P, M> op{static_cast<M>(2.0 * c.lam), static_cast<M>(c.lr),        static_cast<M>(c.momentum),
+                         static_cast<M>(c.dampening), static_cast<M>(c.weight_decay), c.nesterov,
+                         c.maximize,                  c.init_buffers};
+    return run_with_penalty<5>(t, lists, op, c.lam, partials, out, stream);
+  });
 }
 
-cudaError_t adam_step(DType dtype, const AdamArgs& args, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32: return adam<float, float>(args, stream);
-    case DType::kFloat16: return adam<__half, float>(args, stream);
-    case DType::kBFloat16: return adam<__nv_bfloat16, float>(args, stream);
-    case DType::kFloat64: return adam<double, double>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+cudaError_t adam_step(DType dtype, const TensorLists& t, void* const* exp_avgs, void* const* exp_avg_sqs,
+                      void* const* max_exp_avg_sqs, const AdamConfig& c, double* partials, double* out,
+                      cudaStream_t stream) {
+  void* const* lists[7] = {t.params,     t.grads,      exp_avgs, exp_avg_sqs, c.amsgrad ? max_exp_avg_sqs : nullptr,
+                           t.theta_star, t.omega};
+  const double step = t.n > 0 ? c.steps[0] : 1.0;
+  const double bc1 = 1.0 - pow(c.beta1, step);
+  const double bc2 = 1.0 - pow(c.beta2, step);
+  return dispatch_dtype(dtype, [&](auto type) {
+    using P = typename decltype(type)::type;
+    using M = typename MathOf<P>::type;
+    const AdamOp<P, M> op{static_cast<M>(2.0 * c.lam),    static_cast<M>(c.lr),      static_cast<M>(c.beta1),
+                          static_cast<M>(c.beta2),        static_cast<M>(c.eps),     static_cast<M>(c.weight_decay),
+                          static_cast<M>(c.lr / bc1),     static_cast<M>(sqrt(bc2)), c.decoupled_weight_decay,
+                          c.maximize};
+    return run_with_penalty<7>(t, lists, op, c.lam, partials, out, stream);
+  });
 }
 
 }  // namespace cuda

@@ -1,6 +1,6 @@
 // Ω state updates over many tensors in one launch: merge across tasks and the
 // Kahan-compensated running mean of the current task.
-#include "mas_cuda.h"
+#include "cuda/kernels.h"
 #include "multi_tensor.cuh"
 
 namespace mas_fast {
@@ -62,27 +62,29 @@ struct RunningMeanOp {
 
 }  // namespace
 
-cudaError_t merge(bool is_double, int n, void* const* dst, void* const* src, const int64_t* numels,
-                  double a, double b, cudaStream_t stream) {
+cudaError_t merge(DType dtype, int64_t n, const int64_t* numel, void* const* dst, void* const* src, double a,
+                  double b, cudaStream_t stream) {
   void* const* lists[2] = {dst, src};
-  if (is_double) return launch_multi_tensor<2>(n, lists, numels, MergeOp<double>{a, b}, nullptr, stream);
-  return launch_multi_tensor<2>(n, lists, numels,
-                                MergeOp<float>{static_cast<float>(a), static_cast<float>(b)}, nullptr, stream);
+  if (dtype == DType::f64) return launch_multi_tensor<2>(n, lists, numel, MergeOp<double>{a, b}, nullptr, stream);
+  if (dtype != DType::f32) return cudaErrorInvalidValue;
+  return launch_multi_tensor<2>(n, lists, numel, MergeOp<float>{static_cast<float>(a), static_cast<float>(b)},
+                                nullptr, stream);
 }
 
-cudaError_t running_mean_update(bool is_double, int n, void* const* mean, void* const* comp,
-                                void* const* batch_sum, const int64_t* numels, int64_t count,
-                                int64_t batch_count, cudaStream_t stream) {
-  void* const* lists[3] = {mean, comp, batch_sum};
+cudaError_t running_mean_update(DType dtype, int64_t n, const int64_t* numel, void* const* means,
+                                void* const* comps, void* const* batch_sums, int64_t count, int64_t batch_count,
+                                cudaStream_t stream) {
+  void* const* lists[3] = {means, comps, batch_sums};
   const double inv_total = 1.0 / static_cast<double>(count + batch_count);
-  if (is_double) {
-    return launch_multi_tensor<3>(n, lists, numels,
-                                  RunningMeanOp<double>{static_cast<double>(batch_count), inv_total},
-                                  nullptr, stream);
+  if (dtype == DType::f64) {
+    return launch_multi_tensor<3>(n, lists, numel,
+                                  RunningMeanOp<double>{static_cast<double>(batch_count), inv_total}, nullptr,
+                                  stream);
   }
+  if (dtype != DType::f32) return cudaErrorInvalidValue;
   return launch_multi_tensor<3>(
-      n, lists, numels,
-      RunningMeanOp<float>{static_cast<float>(batch_count), static_cast<float>(inv_total)}, nullptr, stream);
+      n, lists, numel, RunningMeanOp<float>{static_cast<float>(batch_count), static_cast<float>(inv_total)},
+      nullptr, stream);
 }
 
 }  // namespace cuda

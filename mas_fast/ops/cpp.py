@@ -1,14 +1,17 @@
 """The "cpp" backend: multi-tensor OpenMP CPU kernels of the mas_fast._C extension (csrc/).
 
 Each op is one call over all parameters (torch.ops.mas_fast.*; schemas in csrc/ops.cpp, fake
-implementations and the penalty's autograd formula in cpp_registrations.py, so the ops trace under
-torch.compile). Parameters and grads: float32/float64/bfloat16/float16; Ω and θ*: float32
+implementations and the penalty's autograd formula in cpp_registrations.py, so the ops trace
+under torch.compile). Parameters and grads: float32/float64/bfloat16/float16; Ω and θ*: float32
 (float64 for float64 parameters). Non-contiguous tensors work (through a contiguous copy).
 The penalty is accumulated in float64 per 65,536-element chunk, chunks added in a fixed
-order: deterministic and independent of the thread count (torch.get_num_threads()).
+order: deterministic and independent of the thread count (torch.get_num_threads()); the value
+is returned as reference.py returns it (Ω's dtype, inf beyond its range, never an error).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -17,6 +20,9 @@ from . import reference
 from .optim_config import AdamConfig, SGDConfig
 
 Tensor = torch.Tensor
+
+# Written by setup.py: per extension, None (built) or why it is missing.
+BUILD_STATUS = Path(__file__).resolve().parent.parent / "_build_status.json"
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.mas_fast.*)
@@ -34,10 +40,22 @@ _STATE_DTYPES = (torch.float32, torch.float64)
 _STATE_OPS = ("merge_", "running_mean_update_")
 
 
+def build_failure(extension: str) -> Optional[str]:
+    """Why setup.py did not build `extension` ("mas_fast._C", "mas_fast._C_cuda"), as it
+    recorded at build time; None when it built or no build recorded anything."""
+    try:
+        return json.loads(BUILD_STATUS.read_text()).get(extension)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def unavailable_reason() -> Optional[str]:
-    """Why the backend cannot run here (extension not built), or None."""
+    """Why the backend cannot run here (extension not built, and why), or None."""
     if _IMPORT_ERROR is None:
         return None
+    failure = build_failure("mas_fast._C")
+    if failure:
+        return f"the C++ extension mas_fast._C is not built: {failure}"
     return (f"the C++ extension mas_fast._C is not built ({_IMPORT_ERROR}); build it with "
             "`pip install --no-build-isolation -e .` where a C++ compiler exists")
 
@@ -84,12 +102,12 @@ def merge_(dst: Sequence[Tensor], src: Sequence[Tensor], a: float, b: float) -> 
         torch.ops.mas_fast.merge_(list(dst), list(src), float(a), float(b))
 
 
-def running_mean_update_(means: Sequence[Tensor], comps: Sequence[Tensor], batch_sums: Sequence[Tensor],
-                         count: int, batch_count: int) -> None:
+def running_mean_update_(means: Sequence[Tensor], compensations: Sequence[Tensor],
+                         batch_sums: Sequence[Tensor], count: int, batch_count: int) -> None:
     """Kahan-compensated running-mean update (see reference.running_mean_update_)."""
     if means:
-        torch.ops.mas_fast.running_mean_update_(list(means), list(comps), list(batch_sums), int(count),
-                                                int(batch_count))
+        torch.ops.mas_fast.running_mean_update_(list(means), list(compensations), list(batch_sums),
+                                                int(count), int(batch_count))
 
 
 def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],

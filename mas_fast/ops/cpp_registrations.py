@@ -18,9 +18,9 @@ Tensor = torch.Tensor
 
 
 def _scalar(params: Sequence[Tensor], omega: Sequence[Tensor]) -> Tensor:
-    """The 0-dim penalty value: float64 when any Ω is float64, else float32, on the
-    parameters' device (where the kernels reduce it)."""
-    dtype = torch.float64 if any(o.dtype == torch.float64 for o in omega) else torch.float32
+    """The 0-dim penalty value in the dtype reference.py returns (Ω[0]'s; float32 without Ω),
+    on the parameters' device (where the kernels reduce it)."""
+    dtype = omega[0].dtype if omega else torch.float32
     return torch.empty((), dtype=dtype, device=params[0].device if params else "cpu")
 
 
@@ -45,7 +45,7 @@ def _merge_fake(dst, src, a, b) -> None:
 
 
 @torch.library.register_fake("mas_fast::running_mean_update_")
-def _running_mean_update_fake(means, comps, batch_sums, count, batch_count) -> None:
+def _running_mean_update_fake(means, compensations, batch_sums, count, batch_count) -> None:
     return None
 
 

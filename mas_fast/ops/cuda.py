@@ -19,6 +19,13 @@ from .cpp import (adam_step_, merge_, penalty, penalty_and_grad_, running_mean_u
 
 Tensor = torch.Tensor
 
+_IMPORT_ERROR: Optional[str] = None
+if _ext.unavailable_reason() is None:  # the CUDA kernels register on the ops that mas_fast._C declares
+    try:
+        from .. import _C_cuda  # noqa: F401
+    except ImportError as exc:
+        _IMPORT_ERROR = str(exc)
+
 OPS = frozenset({"penalty", "penalty_and_grad_", "merge_", "running_mean_update_", "sgd_step_", "adam_step_",
                  "per_sample_abs_sum"})
 AUTO_DEVICES = frozenset({"cuda"})
@@ -30,9 +37,12 @@ def unavailable_reason() -> Optional[str]:
     reason = _ext.unavailable_reason()
     if reason:
         return reason
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("mas_fast::penalty", "CUDA"):
-        return ("mas_fast._C was built without CUDA kernels (building them needs nvcc and a CUDA build "
-                "of torch; set CUDA_HOME)")
+    if _IMPORT_ERROR is not None:
+        failure = _ext.build_failure("mas_fast._C_cuda")
+        if failure:
+            return f"mas_fast._C_cuda (the CUDA kernels): {failure}"
+        return (f"the CUDA kernels (mas_fast._C_cuda) are not built ({_IMPORT_ERROR}); building them needs a "
+                "CUDA toolkit (CUDA_HOME) and a CUDA build of torch")
     if not torch.cuda.is_available():
         return "no GPU"
     return None

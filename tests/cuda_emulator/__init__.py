@@ -3,8 +3,8 @@
 The kernel sources are compiled unchanged except for one rewrite, `k<<<cfg>>>(args)` →
 `::emu::launch(k, cfg, args)`, with UBSan on: an out-of-bounds index into a fixed array, a
 misaligned vector load or a signed overflow fails the call with UBSan's report (its source
-line). Buffers are CPU tensors: EmulatedCuda takes contiguous ones, like the raw entry
-points; cuda_emulator.ops.EmulatedOps adds what ops.cpp's CUDA wrappers do around them.
+line). EmulatedCuda runs csrc/cuda/host.h (compiled unchanged) on CPU tensors behind
+mas_fast.ops.reference's signatures.
 """
 from __future__ import annotations
 
@@ -20,15 +20,17 @@ from typing import Optional, Sequence
 
 import torch
 
-from mas_fast.ops.policy import acc_dtype
+from mas_fast.ops import AdamConfig, SGDConfig
+
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-KERNELS = ROOT / "csrc" / "cuda"
+CSRC = ROOT / "csrc"  # include root: mas_fast_kernels.h (the interface shared with the CPU kernels), cuda/
+KERNELS = CSRC / "cuda"
 BUILD = ROOT / "build" / "cuda_emulator"
 FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-fsanitize=undefined", "-Wall"]
-# mas_fast::cuda::DType
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+# mas_fast::DType (csrc/mas_fast_kernels.h)
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 Tensor = torch.Tensor
 
 
@@ -70,7 +72,7 @@ def rewrite_launches(source: str) -> str:
 def build() -> Path:
     """Compiles the emulated kernels once per source version; returns the shared library."""
     own = sorted(HERE.glob("*.cpp")) + sorted(HERE.glob("*.cu")) + sorted((HERE / "include").iterdir())
-    sources = sorted(KERNELS.iterdir()) + own
+    sources = sorted(KERNELS.iterdir()) + [CSRC / "mas_fast_kernels.h"] + own
     digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sources) +
                             " ".join(FLAGS).encode()).hexdigest()[:16]
     out_dir = BUILD / digest
@@ -80,12 +82,13 @@ def build() -> Path:
     src_dir = out_dir / f"src-{os.getpid()}"  # per process: parallel test runs do not collide
     src_dir.mkdir(parents=True, exist_ok=True)
     units = []
-    for path in [*sorted(KERNELS.iterdir()), *sorted(HERE.glob("*.cu"))]:
+    for path in [*sorted(KERNELS.glob("*.cu*")), *sorted(HERE.glob("*.cu"))]:
         (src_dir / path.name).write_text(rewrite_launches(path.read_text()))
         if path.suffix == ".cu":
             units.append(src_dir / path.name)
-    cmd = [compiler(), *FLAGS, "-I", str(HERE / "include"), "-I", str(src_dir),
-           "-x", "c++", *map(str, units), "-x", "none", str(HERE / "emulator.cpp"), str(HERE / "bindings.cpp"),
+    host = [KERNELS / "host.cpp", HERE / "emulator.cpp", HERE / "bindings.cpp"]  # no launches: compiled as they are
+    cmd = [compiler(), *FLAGS, "-I", str(HERE / "include"), "-I", str(src_dir), "-I", str(CSRC),
+           "-x", "c++", *map(str, units), "-x", "none", *map(str, host),
            "-o", f"{lib}.{os.getpid()}.tmp"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
@@ -94,20 +97,20 @@ def build() -> Path:
     return lib
 
 
-class _SgdArgs(ctypes.Structure):  # mas_fast::cuda::SgdArgs
-    _fields_ = [("n", ctypes.c_int), *[(f, ctypes.c_void_p) for f in
-                ("params", "grads", "momentum_buffers", "theta_star", "omega", "numels")],
-                *[(f, ctypes.c_double) for f in ("lam", "lr", "momentum", "dampening", "weight_decay")],
-                *[(f, ctypes.c_bool) for f in ("nesterov", "maximize", "init_buffers")],
-                ("partials", ctypes.c_void_p), ("out_penalty", ctypes.c_void_p)]
+class _TensorLists(ctypes.Structure):  # mas_fast::TensorLists
+    _fields_ = [("n", ctypes.c_int64), *[(f, ctypes.c_void_p) for f in ("numel", "params", "grads", "theta_star",
+                                                                         "omega")]]
 
 
-class _AdamArgs(ctypes.Structure):  # mas_fast::cuda::AdamArgs
-    _fields_ = [("n", ctypes.c_int), *[(f, ctypes.c_void_p) for f in
-                ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "theta_star", "omega", "numels")],
-                *[(f, ctypes.c_double) for f in ("lam", "lr", "beta1", "beta2", "eps", "weight_decay", "step")],
-                *[(f, ctypes.c_bool) for f in ("decoupled_weight_decay", "maximize")],
-                ("partials", ctypes.c_void_p), ("out_penalty", ctypes.c_void_p)]
+class _SgdConfig(ctypes.Structure):  # mas_fast::SgdConfig
+    _fields_ = [*[(f, ctypes.c_double) for f in ("lam", "lr", "momentum", "dampening", "weight_decay")],
+                *[(f, ctypes.c_bool) for f in ("nesterov", "maximize", "init_buffers")]]
+
+
+class _AdamConfig(ctypes.Structure):  # mas_fast::AdamConfig
+    _fields_ = [*[(f, ctypes.c_double) for f in ("lam", "lr", "beta1", "beta2", "eps", "weight_decay")],
+                *[(f, ctypes.c_bool) for f in ("decoupled_weight_decay", "amsgrad", "maximize")],
+                ("steps", ctypes.c_void_p)]
 
 
 _ubsan_report = ""  # the first UBSan report of this process
@@ -141,32 +144,43 @@ class EmulatorError(RuntimeError):
 
 
 class EmulatedCuda:
-    """The torch-free CUDA entry points (csrc/cuda/mas_cuda.h), run by the emulator on CPU tensors.
+    """csrc/cuda/host.h and the kernels under it, run by the emulator on CPU tensors, behind
+    mas_fast.ops.reference's signatures — with what cuda/register.cpp adds around host.h:
+    contiguous working copies written back into strided targets, Adam's step increment, the
+    float64 penalty converted to the reference's dtype, and the penalty's autograd backward
+    through the penalty_grad kernel. Dtypes (and Adam steps) may be mixed: host.h groups them.
 
-    Method names and arguments follow mas_fast.ops.reference, so results compare one to one.
-    A θ*/Ω entry of None marks a parameter MAS does not cover (the optimizers' nullptr). A
-    tensor with a `.guard` attribute (the NaNs after a `guarded` view) must find them intact
+    A θ*/Ω entry of None marks a parameter MAS does not cover (the optimizers' null pointer).
+    A tensor with a `.guard` attribute (the NaNs after a `guarded` view) must find them intact
     after the call.
     """
 
     def __init__(self, library: Path):
         self.lib = ctypes.CDLL(str(library))
         self.lib.emu_failure.restype = ctypes.c_char_p
-        for name in ("emu_partials_len", "emu_per_sample_abs_sum_workspace_len"):
+        for name in ("emu_workspace_len", "emu_per_sample_abs_sum_workspace_len"):
             getattr(self.lib, name).restype = ctypes.c_int64
-        self._keep: list = []  # ctypes arrays alive until the call returns
+        self._keep: list = []  # ctypes arrays and tensors alive until the call returns
         self._guarded: list[Tensor] = []  # this call's tensors with a NaN guard after their end
 
     # ------------------------------------------------------------------ plumbing
-    def _ptrs(self, tensors: Sequence[Optional[Tensor]]) -> ctypes.Array:
+    def _array(self, ctype, values: Sequence) -> ctypes.Array:
+        array = (ctype * max(1, len(values)))(*values)
+        self._keep.append(array)
+        return array
+
+    def _ptrs(self, tensors: Optional[Sequence[Optional[Tensor]]]) -> Optional[int]:
+        """The address of an array of the tensors' addresses (None: a null list); pass it to a
+        function as ctypes.c_void_p (a plain int argument would be truncated to a C int)."""
+        if tensors is None:
+            return None
         for t in tensors:
             if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
                 raise ValueError("the emulated entry points take contiguous CPU tensors")
-        array = (ctypes.c_void_p * max(1, len(tensors)))(*[t.data_ptr() if t is not None else None
-                                                            for t in tensors])
-        self._keep.append(array)
         self._guarded += [t for t in tensors if t is not None and hasattr(t, "guard")]
-        return array
+        self._keep.append(tensors)  # working copies made for this call live until it returns
+        return ctypes.addressof(self._array(ctypes.c_void_p, [t.data_ptr() if t is not None else None
+                                                              for t in tensors]))
 
     def _ptr(self, t: Tensor) -> ctypes.c_void_p:
         """One tensor's address (its guard checked after the call)."""
@@ -174,14 +188,21 @@ class EmulatedCuda:
             self._guarded.append(t)
         return ctypes.c_void_p(t.data_ptr())
 
-    def _addresses(self, lists: Sequence[Optional[Sequence[Optional[Tensor]]]]) -> list[Optional[int]]:
-        """Addresses of pointer arrays for an argument struct (None: an absent list)."""
-        return [None if ts is None else ctypes.addressof(self._ptrs(ts)) for ts in lists]
+    def _dtypes(self, tensors: Sequence[Tensor]) -> ctypes.Array:
+        return self._array(ctypes.c_int, [DTYPE_CODE[t.dtype] for t in tensors])
 
-    def _numels(self, tensors: Sequence[Tensor]) -> ctypes.Array:
-        array = (ctypes.c_int64 * max(1, len(tensors)))(*[t.numel() for t in tensors])
-        self._keep.append(array)
-        return array
+    def _lists(self, params, grads=None, theta_star=None, omega=None):
+        """A mas_fast::TensorLists over contiguous tensors (None: a null list)."""
+        numel = self._array(ctypes.c_int64, [p.numel() for p in params])
+        lists = _TensorLists(len(params), ctypes.addressof(numel), *map(self._ptrs, (params, grads, theta_star, omega)))
+        self._keep.append(lists)
+        return ctypes.byref(lists)
+
+    def _workspace(self, params: Sequence[Tensor], steps: Optional[Sequence[float]] = None) -> Tensor:
+        numel = self._array(ctypes.c_int64, [p.numel() for p in params])
+        steps_array = None if steps is None else self._array(ctypes.c_double, steps)
+        count = self.lib.emu_workspace_len(ctypes.c_int64(len(params)), self._dtypes(params), numel, steps_array)
+        return _output((max(1, count),), torch.float64)
 
     def _run(self, op: str, entry_point: str, *args) -> None:
         """Calls the entry point with stderr captured: UBSan reports there (and, per source
@@ -210,75 +231,106 @@ class EmulatedCuda:
             if not torch.isnan(t.guard).all():
                 raise EmulatorError(f"{op}: wrote past the end of a tensor of {t.numel()} elements")
 
-    def _partials(self, tensors: Sequence[Tensor]) -> Tensor:
-        count = self.lib.emu_partials_len(len(tensors), self._numels(tensors))
-        return _output((max(1, count),), torch.float64)
-
     # ------------------------------------------------------------------ penalty
-    def penalty_and_grad_(self, params: Sequence[Tensor], grads: Optional[Sequence[Tensor]],
-                          theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float) -> Tensor:
-        dtype = params[0].dtype
-        out = _output((), acc_dtype(dtype))
-        partials = self._partials(params)
-        self._run("penalty_and_grad", "emu_penalty_and_grad", DTYPE_CODE[dtype], len(params), self._ptrs(params),
-                  self._ptrs(grads) if grads is not None else None, self._ptrs(theta_star), self._ptrs(omega),
-                  self._numels(params), ctypes.c_double(lam), self._ptr(partials),
-                  self._ptr(out))
+    def _penalty_value(self, params, grads, theta_star, omega, lam: float) -> Tensor:
+        """λΣΩ(θ−θ*)² (float64), adding 2λΩ(θ−θ*) into grads when given."""
+        out = _output((), torch.float64)
+        copies = _contiguous(grads)
+        workspace = self._workspace(params)
+        self._run("penalty_and_grad", "emu_penalty_and_grad", self._dtypes(params),
+                  self._lists(_contiguous(params), copies, _contiguous(theta_star), _contiguous(omega)),
+                  ctypes.c_double(lam), self._ptr(workspace), self._ptr(out))
+        if grads is not None:
+            _write_back(grads, copies)
         return out
 
     def penalty(self, params, theta_star, omega, lam: float) -> Tensor:
-        return self.penalty_and_grad_(params, None, theta_star, omega, lam)
+        """λΣΩ(θ−θ*)², differentiable w.r.t. params (backward: the penalty_grad kernel)."""
+        if not params:
+            return torch.zeros((), dtype=torch.float32)
+        return _Penalty.apply(self, lam, list(theta_star), list(omega), *params)
+
+    def penalty_and_grad_(self, params, grads, theta_star, omega, lam: float) -> Tensor:
+        if not params:
+            return torch.zeros((), dtype=torch.float32)
+        return _value(self._penalty_value(params, grads, theta_star, omega, lam), omega)
 
     def penalty_grad(self, params: Sequence[Tensor], theta_star: Sequence[Tensor], omega: Sequence[Tensor],
                      lam: float, upstream: float = 1.0) -> list[Tensor]:
         """The penalty's backward: grads = 2λ·upstream·Ω(θ − θ*), written into fresh tensors."""
         grads = [_output(tuple(p.shape), p.dtype) for p in params]
         scale = torch.tensor(2.0 * lam * upstream, dtype=torch.float64)
-        self._run("penalty_grad", "emu_penalty_grad", DTYPE_CODE[params[0].dtype], len(params), self._ptrs(params),
-                  self._ptrs(grads), self._ptrs(theta_star), self._ptrs(omega), self._numels(params),
+        self._run("penalty_grad", "emu_penalty_grad", self._dtypes(params),
+                  self._lists(_contiguous(params), grads, _contiguous(theta_star), _contiguous(omega)),
                   self._ptr(scale))
         return grads
 
     # ------------------------------------------------------------------ Ω state
     def merge_(self, dst: Sequence[Tensor], src: Sequence[Tensor], a: float, b: float) -> None:
-        self._run("merge", "emu_merge", ctypes.c_bool(dst[0].dtype == torch.float64), len(dst), self._ptrs(dst),
-                  self._ptrs(src), self._numels(dst), ctypes.c_double(a), ctypes.c_double(b))
+        if dst:
+            copies = _contiguous(dst)
+            self._run("merge", "emu_merge", self._dtypes(dst), self._lists(copies, _contiguous(src)),
+                      ctypes.c_double(a), ctypes.c_double(b))
+            _write_back(dst, copies)
 
     def running_mean_update_(self, means: Sequence[Tensor], comps: Sequence[Tensor], batch_sums: Sequence[Tensor],
                              count: int, batch_count: int) -> None:
-        self._run("running_mean_update", "emu_running_mean_update", ctypes.c_bool(means[0].dtype == torch.float64),
-                  len(means), self._ptrs(means), self._ptrs(comps), self._ptrs(batch_sums), self._numels(means),
-                  ctypes.c_int64(count), ctypes.c_int64(batch_count))
+        if means:
+            m, c = _contiguous(means), _contiguous(comps)
+            self._run("running_mean_update", "emu_running_mean_update", self._dtypes(means),
+                      self._lists(m, c, _contiguous(batch_sums)), ctypes.c_int64(count), ctypes.c_int64(batch_count))
+            _write_back(means, m)
+            _write_back(comps, c)
 
     # ------------------------------------------------------------------ optimizers
-    def sgd_step_(self, params, grads, momentum_buffers, theta_star, omega, *, lam, lr, momentum, dampening,
-                  weight_decay, nesterov, maximize, init_buffers) -> Tensor:
-        out = _output((), acc_dtype(params[0].dtype))
-        partials = self._partials(params)
-        lists = [params, grads, momentum_buffers if momentum != 0 else None, theta_star, omega]
-        args = _SgdArgs(len(params), *self._addresses(lists), ctypes.addressof(self._numels(params)), lam, lr,
-                        momentum, dampening, weight_decay, nesterov, maximize, init_buffers, self._ptr(partials).value,
-                        self._ptr(out).value)
-        self._run("sgd_step", "emu_sgd_step", DTYPE_CODE[params[0].dtype], ctypes.byref(args))
-        return out
+    # θ*/Ω: empty lists (a plain step), or one entry per parameter, None where MAS does not
+    # cover it.
+    def sgd_step_(self, params, grads, momentum_buffers, theta_star, omega, lam: float, config: SGDConfig,
+                  init_buffers: bool) -> Tensor:
+        if not params:
+            return torch.zeros((), dtype=torch.float32)
+        out = _output((), torch.float64)
+        p, bufs = _contiguous(params), _contiguous(momentum_buffers)
+        workspace = self._workspace(params)
+        c = config
+        kernel_config = _SgdConfig(lam, c.lr, c.momentum, c.dampening, c.weight_decay, c.nesterov, c.maximize,
+                                   init_buffers)
+        self._run("sgd_step", "emu_sgd_step", self._dtypes(params),
+                  self._lists(p, _contiguous(grads), *_terms(theta_star, omega)),
+                  ctypes.c_void_p(self._ptrs(bufs if c.momentum != 0 else None)), ctypes.byref(kernel_config),
+                  self._ptr(workspace), self._ptr(out))
+        _write_back(params, p)
+        _write_back(momentum_buffers, bufs)
+        return _value(out, omega)
 
-    def adam_step_(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, theta_star, omega, *, step: float,
-                   lam, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize) -> Tensor:
-        """`step`: the step count after incrementing, shared by all tensors."""
-        out = _output((), acc_dtype(params[0].dtype))
-        partials = self._partials(params)
-        lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, theta_star, omega]
-        args = _AdamArgs(len(params), *self._addresses(lists), ctypes.addressof(self._numels(params)), lam, lr,
-                         beta1, beta2, eps, weight_decay, step, decoupled_weight_decay, maximize,
-                         self._ptr(partials).value, self._ptr(out).value)
-        self._run("adam_step", "emu_adam_step", DTYPE_CODE[params[0].dtype], ctypes.byref(args))
-        return out
+    def adam_step_(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star, omega,
+                   lam: float, config: AdamConfig) -> Tensor:
+        if not params:
+            return torch.zeros((), dtype=torch.float32)
+        new_steps = [float(s.add_(1).item()) for s in steps]  # torch.optim: step += 1 first
+        out = _output((), torch.float64)
+        c = config
+        states = [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if c.amsgrad else None]
+        copies = [None if ts is None else _contiguous(ts) for ts in states]
+        workspace = self._workspace(params, new_steps)
+        kernel_config = _AdamConfig(lam, c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled_weight_decay,
+                                    c.amsgrad, c.maximize, ctypes.addressof(self._array(ctypes.c_double, new_steps)))
+        self._run("adam_step", "emu_adam_step", self._dtypes(params),
+                  self._lists(copies[0], _contiguous(grads), *_terms(theta_star, omega)),
+                  *[ctypes.c_void_p(self._ptrs(t)) for t in copies[1:]], ctypes.byref(kernel_config),
+                  self._ptr(workspace), self._ptr(out))
+        for targets, written in zip(states, copies):
+            if targets is not None:
+                _write_back(targets, written)
+        return _value(out, omega)
 
     # ------------------------------------------------------------------ importance
-    def per_sample_abs_sum(self, delta: Tensor, scale: Optional[Tensor] = None, out_double: bool = False) -> Tensor:
-        """Σ_k |Σ_t δ_ktc · s_ktc| for (B, T, C) CPU tensors of any strides."""
+    def per_sample_abs_sum(self, delta: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+        """Σ_k |Σ_t δ_ktc · s_ktc| for (B, T, C) CPU tensors of any strides, as float32."""
         B, T, C = delta.shape
-        out = _output((C,), torch.float64 if out_double else torch.float32)
+        if B == 0 or T == 0 or C == 0:  # as register.cpp: no launch
+            return torch.zeros(C, dtype=torch.float32)
+        out = _output((C,), torch.float32)
         slots = self.lib.emu_per_sample_abs_sum_workspace_len(ctypes.c_int64(B), ctypes.c_int64(C))
         workspace = _output((max(1, slots),), torch.float64)
         scale_strides = (ctypes.c_int64 * 3)(*scale.stride()) if scale is not None else None
@@ -286,11 +338,46 @@ class EmulatedCuda:
                   self._ptr(delta), (ctypes.c_int64 * 3)(*delta.stride()),
                   DTYPE_CODE[scale.dtype if scale is not None else torch.float32],
                   ctypes.c_void_p(scale.data_ptr() if scale is not None else None), scale_strides,
-                  ctypes.c_int64(B), ctypes.c_int64(T), ctypes.c_int64(C), ctypes.c_bool(out_double),
-                  self._ptr(out), self._ptr(workspace))
+                  ctypes.c_int64(B), ctypes.c_int64(T), ctypes.c_int64(C), self._ptr(out), self._ptr(workspace))
         return out
 
     # ------------------------------------------------------------------ the emulator's own checks
     def fault(self, which: int, out: Tensor) -> None:
         """Runs one kernel of faults.cu (0-3: faulty, 4: a correct 2-D grid) writing into `out`."""
         self._run("fault", "emu_fault", which, self._ptr(out))
+
+
+def _contiguous(tensors: Optional[Sequence[Optional[Tensor]]]) -> Optional[list[Optional[Tensor]]]:
+    """Contiguous working copies (a contiguous tensor is its own; None entries stay None)."""
+    return None if tensors is None else [None if t is None else t.contiguous() for t in tensors]
+
+
+def _write_back(targets: Sequence[Tensor], copies: Sequence[Tensor]) -> None:
+    for target, copy in zip(targets, copies):
+        if copy.data_ptr() != target.data_ptr():
+            target.copy_(copy)
+
+
+def _terms(theta_star, omega) -> tuple:
+    """θ*/Ω for the kernels: empty lists (a plain step) become null lists."""
+    return (None, None) if not theta_star else (_contiguous(theta_star), _contiguous(omega))
+
+
+def _value(value: Tensor, omega: Sequence[Optional[Tensor]]) -> Tensor:
+    """The kernels' float64 penalty in reference.py's dtype: Ω[0]'s (float32 without Ω)."""
+    dtypes = [o.dtype for o in omega if o is not None]
+    return value.to(dtypes[0] if dtypes else torch.float32)
+
+
+class _Penalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, emu: EmulatedCuda, lam: float, stars, omegas, *params):
+        ctx.emu, ctx.lam, ctx.stars, ctx.omegas = emu, lam, stars, omegas
+        ctx.save_for_backward(*params)
+        return _value(emu._penalty_value(params, None, stars, omegas, lam), omegas)
+
+    @staticmethod
+    def backward(ctx, upstream):
+        grads = ctx.emu.penalty_grad(_contiguous(ctx.saved_tensors), _contiguous(ctx.stars),
+                                     _contiguous(ctx.omegas), ctx.lam, upstream=upstream.item())
+        return (None, None, None, None, *grads)

@@ -1,64 +1,71 @@
-// extern "C" entry points over csrc/cuda/mas_cuda.h for ctypes (tests/cuda_emulator/__init__.py).
-// Each returns the cudaError_t of the call; emu_failure() says what the emulator caught.
-#include "mas_cuda.h"
+// extern "C" entry points over csrc/cuda/host.h for ctypes (tests/cuda_emulator/__init__.py):
+// flat arguments in, the shared interface structs (mas_fast_kernels.h) built here, then the
+// same host code as cuda/register.cpp. Each returns the cudaError_t of the call;
+// emu_failure() says what the emulator caught.
+#include "cuda/host.h"
 
+namespace mf = mas_fast;
 namespace cu = mas_fast::cuda;
 
 namespace {
-cu::DType dtype_of(int code) { return static_cast<cu::DType>(code); }
+const mf::DType* dtypes_of(const int* codes) { return reinterpret_cast<const mf::DType*>(codes); }
+static_assert(sizeof(mf::DType) == sizeof(int));
 }  // namespace
 
 extern "C" {
 
 const char* emu_failure() { return emu::failure(); }
 
-int64_t emu_partials_len(int n, const int64_t* numels) { return cu::partials_len(n, numels); }
+int64_t emu_workspace_len(int64_t n, const int* dtypes, const int64_t* numel, const double* steps) {
+  return cu::host::workspace_len(n, dtypes_of(dtypes), numel, steps);
+}
 
 int64_t emu_per_sample_abs_sum_workspace_len(int64_t B, int64_t C) {
   return cu::per_sample_abs_sum_workspace_len(B, C);
 }
 
-int emu_penalty_and_grad(int dtype, int n, void* const* params, void* const* grads, void* const* theta_star,
-                         void* const* omega, const int64_t* numels, double lam, double* partials, void* out) {
+int emu_penalty_and_grad(const int* dtypes, const mf::TensorLists* t, double lam, double* workspace, double* out) {
   emu::reset();
-  return cu::penalty_and_grad(dtype_of(dtype), n, params, grads, theta_star, omega, numels, lam, partials, out,
-                              nullptr);
+  return cu::host::penalty_and_grad(dtypes_of(dtypes), *t, lam, workspace, out, nullptr);
 }
 
-int emu_penalty_grad(int dtype, int n, void* const* params, void* const* grads, void* const* theta_star,
-                     void* const* omega, const int64_t* numels, const double* scale) {
+int emu_penalty_grad(const int* dtypes, const mf::TensorLists* t, const double* scale) {
   emu::reset();
-  return cu::penalty_grad(dtype_of(dtype), n, params, grads, theta_star, omega, numels, scale, nullptr);
+  return cu::host::penalty_grad(dtypes_of(dtypes), *t, scale, nullptr);
 }
 
-int emu_merge(bool is_double, int n, void* const* dst, void* const* src, const int64_t* numels, double a,
-              double b) {
+int emu_merge(const int* dtypes, const mf::TensorLists* t, double a, double b) {  // dst: params, src: grads
   emu::reset();
-  return cu::merge(is_double, n, dst, src, numels, a, b, nullptr);
+  return cu::host::merge(dtypes_of(dtypes), t->n, t->numel, t->params, t->grads, a, b, nullptr);
 }
 
-int emu_running_mean_update(bool is_double, int n, void* const* mean, void* const* comp, void* const* batch_sum,
-                            const int64_t* numels, int64_t count, int64_t batch_count) {
+// means: params, comps: grads, batch sums: theta_star
+int emu_running_mean_update(const int* dtypes, const mf::TensorLists* t, int64_t count, int64_t batch_count) {
   emu::reset();
-  return cu::running_mean_update(is_double, n, mean, comp, batch_sum, numels, count, batch_count, nullptr);
+  return cu::host::running_mean_update(dtypes_of(dtypes), t->n, t->numel, t->params, t->grads, t->theta_star, count,
+                                       batch_count, nullptr);
 }
 
-int emu_sgd_step(int dtype, const cu::SgdArgs* args) {
+int emu_sgd_step(const int* dtypes, const mf::TensorLists* t, void* const* momentum_buffers,
+                 const mf::SgdConfig* config, double* workspace, double* out) {
   emu::reset();
-  return cu::sgd_step(dtype_of(dtype), *args, nullptr);
+  return cu::host::sgd_step(dtypes_of(dtypes), *t, momentum_buffers, *config, workspace, out, nullptr);
 }
 
-int emu_adam_step(int dtype, const cu::AdamArgs* args) {
+int emu_adam_step(const int* dtypes, const mf::TensorLists* t, void* const* exp_avgs, void* const* exp_avg_sqs,
+                  void* const* max_exp_avg_sqs, const mf::AdamConfig* config, double* workspace, double* out) {
   emu::reset();
-  return cu::adam_step(dtype_of(dtype), *args, nullptr);
+  return cu::host::adam_step(dtypes_of(dtypes), *t, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *config, workspace, out,
+                             nullptr);
 }
 
 int emu_per_sample_abs_sum(int delta_dtype, const void* delta, const int64_t* delta_strides, int scale_dtype,
                            const void* scale, const int64_t* scale_strides, int64_t B, int64_t T, int64_t C,
-                           bool out_double, void* out, double* workspace) {
+                           float* out, double* workspace) {
   emu::reset();
-  return cu::per_sample_abs_sum(dtype_of(delta_dtype), delta, delta_strides, dtype_of(scale_dtype), scale,
-                                scale_strides, B, T, C, out_double, out, workspace, nullptr);
+  return cu::per_sample_abs_sum(static_cast<mf::DType>(delta_dtype), delta, delta_strides,
+                                static_cast<mf::DType>(scale_dtype), scale, scale_strides, B, T, C, out, workspace,
+                                nullptr);
 }
 
 }  // extern "C"

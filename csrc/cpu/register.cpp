@@ -1,0 +1,140 @@
+// CPU implementations of the mas_fast ops (TORCH_LIBRARY_IMPL(mas_fast, CPU)): validate every
+// argument, then hand each dtype group's contiguous pointers to the OpenMP kernels of
+// cpu/kernels.h and write the results back into non-contiguous targets.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "tensor_lists.h"
+#include "validation.h"
+
+namespace mas_fast {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+
+const at::Device kCPU(at::kCPU);
+
+int threads() { return at::get_num_threads(); }
+
+Tensor as_result(double value, TensorList omega) {
+  return penalty_result(at::scalar_tensor(value, at::TensorOptions().dtype(at::kDouble)), omega);
+}
+
+Tensor penalty(TensorList params, TensorList theta_star, TensorList omega, double lam) {
+  check_penalty_op("mas_fast::penalty", params, theta_star, omega, kCPU);
+  double total = 0.0;
+  for (const auto& [dtype, index] : group_by_dtype(params)) {
+    GroupLists g(index, params, {}, theta_star, omega);
+    total += cpu::penalty(dtype, g.lists, lam, threads());
+  }
+  return as_result(total, omega);
+}
+
+std::vector<Tensor> penalty_backward(const Tensor& grad_out, TensorList params, TensorList theta_star,
+                                     TensorList omega, double lam) {
+  const char* op = "mas_fast::penalty_backward";
+  check_penalty_op(op, params, theta_star, omega, kCPU);
+  check_grad_out(op, grad_out);
+  std::vector<Tensor> grads;
+  for (const Tensor& p : params) grads.push_back(at::empty(p.sizes(), p.options()));
+  const double scale = 2.0 * lam * grad_out.item<double>();
+  for (const auto& [dtype, index] : group_by_dtype(params)) {
+    GroupLists g(index, params, grads, theta_star, omega);
+    cpu::penalty_grad(dtype, g.lists, scale, threads());
+  }
+  return grads;
+}
+
+Tensor penalty_and_grad(TensorList params, TensorList grads, TensorList theta_star, TensorList omega, double lam) {
+  check_penalty_and_grad_op("mas_fast::penalty_and_grad_", params, grads, theta_star, omega, kCPU);
+  double total = 0.0;
+  for (const auto& [dtype, index] : group_by_dtype(params)) {
+    GroupLists g(index, params, grads, theta_star, omega);
+    total += cpu::penalty_and_grad(dtype, g.lists, lam, threads());
+    g.grads.write_back();
+  }
+  return as_result(total, omega);
+}
+
+void merge(TensorList dst, TensorList src, double a, double b) {
+  check_state_op("mas_fast::merge_", {{"dst", dst}, {"src", src}}, kCPU);
+  for (const auto& [dtype, index] : group_by_dtype(dst)) {
+    Operand d(dst, index), s(src, index);
+    const std::vector<int64_t> numel = numels(dst, index);
+    cpu::merge(dtype, int64_t(index.size()), numel.data(), d.ptrs(), s.ptrs(), a, b, threads());
+    d.write_back();
+  }
+}
+
+void running_mean_update(TensorList means, TensorList comps, TensorList batch_sums, int64_t count,
+                         int64_t batch_count) {
+  const char* op = "mas_fast::running_mean_update_";
+  check_state_op(op, {{"means", means}, {"comps", comps}, {"batch_sums", batch_sums}}, kCPU);
+  check_counts(op, count, batch_count);
+  for (const auto& [dtype, index] : group_by_dtype(means)) {
+    Operand m(means, index), c(comps, index), s(batch_sums, index);
+    const std::vector<int64_t> numel = numels(means, index);
+    cpu::running_mean_update(dtype, int64_t(index.size()), numel.data(), m.ptrs(), c.ptrs(), s.ptrs(), count,
+                             batch_count, threads());
+    m.write_back();
+    c.write_back();
+  }
+}
+
+Tensor sgd_step(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList theta_star,
+                TensorList omega, double lam, double lr, double momentum, double dampening, double weight_decay,
+                bool nesterov, bool maximize, bool init_buffers) {
+  check_sgd_op("mas_fast::sgd_step_", params, grads, momentum_buffers, theta_star, omega, momentum, dampening,
+               nesterov, kCPU);
+  const SgdConfig config{lam, lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffers};
+  double total = 0.0;
+  for (const auto& [dtype, index] : group_by_dtype(params)) {
+    GroupLists g(index, params, grads, theta_star, omega);
+    Operand buf(momentum_buffers, index);
+    total += cpu::sgd_step(dtype, g.lists, buf.ptrs(), config, threads());
+    g.params.write_back();
+    buf.write_back();
+  }
+  return as_result(total, omega);
+}
+
+Tensor adam_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                 TensorList max_exp_avg_sqs, TensorList steps, TensorList theta_star, TensorList omega, double lam,
+                 double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                 bool amsgrad, bool maximize) {
+  check_adam_op("mas_fast::adam_step_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star,
+                omega, amsgrad, kCPU);
+  double total = 0.0;
+  for (const auto& [dtype, index] : group_by_dtype(params)) {
+    std::vector<double> group_steps;  // torch.optim: step += 1, bias corrections from the new step
+    for (int64_t i : index) group_steps.push_back(steps[i].add_(1).item<double>());
+    const AdamConfig config{lam,     lr,       beta1,    beta2, eps, weight_decay, decoupled_weight_decay,
+                            amsgrad, maximize, group_steps.data()};
+    GroupLists g(index, params, grads, theta_star, omega);
+    Operand m(exp_avgs, index), v(exp_avg_sqs, index), vmax(max_exp_avg_sqs, index);
+    total += cpu::adam_step(dtype, g.lists, m.ptrs(), v.ptrs(), vmax.ptrs(), config, threads());
+    g.params.write_back();
+    m.write_back();
+    v.write_back();
+    vmax.write_back();
+  }
+  return as_result(total, omega);
+}
+
+}  // namespace
+}  // namespace mas_fast
+
+TORCH_LIBRARY_IMPL(mas_fast, CPU, m) {
+  m.impl("penalty", &mas_fast::penalty);
+  m.impl("penalty_backward", &mas_fast::penalty_backward);
+  m.impl("penalty_and_grad_", &mas_fast::penalty_and_grad);
+  m.impl("merge_", &mas_fast::merge);
+  m.impl("running_mean_update_", &mas_fast::running_mean_update);
+  m.impl("sgd_step_", &mas_fast::sgd_step);
+  m.impl("adam_step_", &mas_fast::adam_step);
+}
