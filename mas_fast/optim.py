@@ -75,7 +75,7 @@ class _MASOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         terms = self._penalty_terms()
-        lam = self.regularizer.lambda_ if self.regularizer is not None else 0.0
+        lam = self.regularizer.penalty_strength if self.regularizer is not None else 0.0
         values: list[Tensor] = []
         for group in self.param_groups:
             covered: list[Tensor] = []

@@ -20,12 +20,12 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .importance import MODES, ImportanceState, batch_importance
+from .conventions import MERGES, convention as convention_named
+from .importance import ImportanceState, batch_importance
 from . import distributed
 from .ops.policy import acc_dtype
 
 Tensor = torch.Tensor
-MERGES = ("sum", "alpha")
 STATE_FORMAT = "mas_fast.MAS/2"
 # Per-parameter tensor groups of a state_dict: consolidated Ω and θ*, the running task's Ω
 # and its Kahan compensation.
@@ -59,13 +59,15 @@ def check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
 
 
-def _check_config(lambda_: float, mode: str, merge: str, alpha: float) -> None:
+def _check_config(lambda_: float, mode: Optional[str], merge: Optional[str], alpha: float,
+                  convention: str = "paper", norm: Optional[str] = None) -> tuple[str, str, str]:
+    """Checks the configuration; returns (mode, norm, merge) with the convention's defaults filled in."""
     check_lambda(lambda_)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if merge not in MERGES:
-        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    if not isinstance(convention, str):
+        raise TypeError(f"convention must be a str, got {type(convention).__name__}")
+    resolved = convention_named(convention).resolve(mode, norm, merge)
     check_alpha(alpha)
+    return resolved
 
 
 def _check_usable(backend: str) -> str:
@@ -203,7 +205,8 @@ class MAS:
     Args:
         model: the network F. Its output (or `output_fn(output)`) must be batch-first.
         lambda_: λ, the penalty strength.
-        mode: how a task's importance Ω_task is measured from N unlabeled samples:
+        mode: how a task's importance Ω_task is measured from N unlabeled samples (None: the
+            convention's default; per-batch conventions allow only "batch"):
             - "per_sample" (the paper): Ω = (1/N) Σ_k |∂‖F(x_k)‖²/∂θ|; equals the authors'
               code with batch size 1. Exact, computed without per-sample gradient tensors.
             - "batch" (the authors' code): Ω = (1/N) Σ_b |∂ Σ_{k∈b} ‖F(x_k)‖²/∂θ|; equals
@@ -211,7 +214,7 @@ class MAS:
             - "local" (Hebbian variant): each layer's own output y is the function; for a
               Linear layer Ω_ij = (1/N) Σ_k |Σ_t 2 y_kti x_ktj|.
         merge: across tasks, "sum" (Ω ← Ω + Ω_task, the paper) or "alpha"
-            (Ω ← α Ω + (1−α) Ω_task; the first task sets Ω = Ω_task).
+            (Ω ← α Ω + (1−α) Ω_task; the first task sets Ω = Ω_task). None: the convention's.
         alpha: α for merge="alpha".
         output_fn: maps the model's output (tuple, dict, several heads) to the tensor F.
         backend: "auto" | "reference" | "cpp" | "triton" | "cuda" (see mas_fast.ops).
@@ -227,6 +230,14 @@ class MAS:
             the ranks first check that they agree (see `consolidate`). False keeps importance
             rank-local and communicates nothing. Sharded parameters (FSDP, DTensor) raise a
             TypeError (see mas_fast.distributed).
+        convention: whose MAS, so that a λ published with it carries over (docs/conventions.md):
+            "paper" (default), "authors" (the official code), "facil", "hsu" (Hsu et al.'s
+            Continual-Learning-Benchmark) or "avalanche". Each fixes the objective, the
+            normalisation, the merge across tasks and the penalty's factor (see
+            mas_fast.conventions); "facil" and "avalanche" run the pass in train mode.
+        norm: the output norm f in Ω = mean |∂f(F)/∂θ| ("paper" and "authors" only): "l2"
+            (‖F‖², default), "l1" (‖F‖₁) or "vector" (each output on its own, |∂F_i/∂θ|
+            summed over i along dimension 1 of F: one backward per output).
 
     Importance passes run in eval mode (each module's mode restored), never touch
     `p.grad` and cover the parameters with `requires_grad=True`. Parameters added later
@@ -240,13 +251,14 @@ class MAS:
     save `state_dict()` instead.
     """
 
-    def __init__(self, model: nn.Module, lambda_: float = 1.0, mode: str = "per_sample",
-                 merge: str = "sum", alpha: float = 0.5,
+    def __init__(self, model: nn.Module, lambda_: float = 1.0, mode: Optional[str] = None,
+                 merge: Optional[str] = None, alpha: float = 0.5,
                  output_fn: Optional[Callable[[Any], Tensor]] = None, backend: str = "auto",
-                 sync: bool = True, verify: bool = True) -> None:
+                 sync: bool = True, verify: bool = True, convention: str = "paper",
+                 norm: Optional[str] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_config(lambda_, mode, merge, alpha)
+        mode, norm, merge = _check_config(lambda_, mode, merge, alpha, convention, norm)
         if output_fn is not None and not callable(output_fn):
             raise TypeError(f"output_fn must be callable or None, got {type(output_fn).__name__}")
         if not isinstance(sync, bool):
@@ -259,8 +271,7 @@ class MAS:
         self.verify = verify
         self._engine = ImportanceState()  # demotions, warnings and coverage of this instance
         self.lambda_ = float(lambda_)
-        self.mode = mode
-        self.merge = merge
+        self.convention, self.mode, self.norm, self.merge = convention, mode, norm, merge
         self.alpha = float(alpha)
         self.output_fn = output_fn
         self.backend = _check_usable(backend)
@@ -285,9 +296,13 @@ class MAS:
         if reshaped:
             raise ValueError("parameters changed shape during the task: " + "; ".join(reshaped))
         engine = engine if engine is not None else self._engine
+        setting = convention_named(self.convention)
         sums, n = batch_importance(self.model, x, params, self.mode, self.output_fn, self.backend,
-                                   verify=self.verify, state=engine)
-        task.add(sums, n, self.backend)
+                                   verify=self.verify, state=engine, objective=setting.objective(self.norm))
+        factor, weight = setting.weigh(n)
+        if factor != 1.0:
+            torch._foreach_mul_(list(sums.values()), factor)
+        task.add(sums, weight, self.backend)
         return n
 
     @_normal_tensors
@@ -371,21 +386,26 @@ class MAS:
         named = dict(self.model.named_parameters())
         self._check_model_holds(task.mean, named)
         covered = task.mean if task.count else self._trainable()
-        config = {"mode": self.mode, "merge": self.merge, "consolidated tasks": self.num_tasks}
+        config = {"convention": self.convention, "mode": self.mode, "norm": self.norm, "merge": self.merge,
+                  "consolidated tasks": self.num_tasks}
         if self.merge == "alpha":
             config["alpha"] = self.alpha
         return distributed.contribution(config, task.mean, task.compensation, task.count,
                                         {n: named[n] for n in named if n in covered})
 
     def _merged(self, task_omega: dict[str, Tensor]) -> dict[str, Tensor]:
-        if not self._omega:
+        setting = convention_named(self.convention)
+        alpha = self.merge == "alpha"
+        if not self._omega and not (alpha and setting.alpha_from_zero):
             return {n: t.clone() for n, t in task_omega.items()}
-        a, b = (1.0, 1.0) if self.merge == "sum" else (self.alpha, 1.0 - self.alpha)
+        a, b = (self.alpha, 1.0 - self.alpha) if alpha else (1.0, 1.0)
         merged = {n: t.clone() for n, t in self._omega.items()}
-        for n, t in task_omega.items():
-            merged.setdefault(n, torch.zeros_like(t))
+        new = [n for n in task_omega if n not in merged]
+        for n in new:  # Ω starts at 0 there, or (new_unmixed) takes the task's Ω as it is
+            merged[n] = task_omega[n].clone() if alpha and setting.new_unmixed else torch.zeros_like(task_omega[n])
+        mixed = [n for n in task_omega if not (alpha and setting.new_unmixed and n in new)]
         untouched = [n for n in merged if n not in task_omega]
-        ops.merge_([merged[n] for n in task_omega], list(task_omega.values()), a, b, backend=self.backend)
+        ops.merge_([merged[n] for n in mixed], [task_omega[n] for n in mixed], a, b, backend=self.backend)
         if untouched and a != 1.0:  # absent from this task: Ω_task = 0 there
             torch._foreach_mul_([merged[n] for n in untouched], a)
         return merged
@@ -445,7 +465,7 @@ class MAS:
         if not self._omega:
             return self._zero()
         params, theta_star, omega = self._aligned()
-        return ops.penalty(params, theta_star, omega, self.lambda_, backend=self.backend)
+        return ops.penalty(params, theta_star, omega, self.penalty_strength, backend=self.backend)
 
     def add_penalty_grad_(self) -> Tensor:
         """After `loss.backward()`: p.grad += 2λΩ(θ − θ*); returns the penalty value.
@@ -465,7 +485,7 @@ class MAS:
                 params[i].grad = torch.zeros_like(params[i])
         params = [params[i] for i in keep]
         return ops.penalty_and_grad_(params, [p.grad for p in params], [theta_star[i] for i in keep],
-                                     [omega[i] for i in keep], self.lambda_, backend=self.backend)
+                                     [omega[i] for i in keep], self.penalty_strength, backend=self.backend)
 
     # ------------------------------------------------------------------ views and state
 
@@ -478,6 +498,12 @@ class MAS:
     def lambda_(self, value: float) -> None:
         check_lambda(value)
         self._lambda = float(value)
+
+    @property
+    def penalty_strength(self) -> float:
+        """The factor of Σ Ω (θ − θ*)² in the penalty: λ times the convention's factor (½ for
+        "facil", 1 otherwise). Fused optimizers use it."""
+        return self.lambda_ * convention_named(self.convention).penalty_factor
 
     @property
     def alpha(self) -> float:
@@ -506,7 +532,8 @@ class MAS:
 
     @property
     def samples_seen(self) -> int:
-        """Samples accumulated in the current task so far."""
+        """Samples accumulated in the current task so far (batches, for a convention whose Ω is
+        a mean over batches: "authors", "hsu", "avalanche")."""
         return self._task.count
 
     def state_dict(self) -> dict[str, Any]:
@@ -518,7 +545,8 @@ class MAS:
         """
         self._task.exported = True
         return {
-            "format": STATE_FORMAT, "mode": self.mode, "lambda_": self.lambda_, "merge": self.merge,
+            "format": STATE_FORMAT, "convention": self.convention, "mode": self.mode, "norm": self.norm,
+            "lambda_": self.lambda_, "merge": self.merge,
             "alpha": self.alpha, "num_tasks": self.num_tasks,
             "omega": dict(self._omega), "theta_star": dict(self._theta_star),
             "task_count": self._task.count, "task_mean": dict(self._task.mean),
@@ -539,7 +567,9 @@ class MAS:
             raise ValueError(f"not a mas_fast MAS state_dict (missing keys: {missing})")
         if state["format"] != STATE_FORMAT:
             raise ValueError(f"unsupported MAS state format {state['format']!r} (expected {STATE_FORMAT!r})")
-        _check_config(state["lambda_"], state["mode"], state["merge"], state["alpha"])
+        # states saved before conventions existed are the paper's, with the L2 norm
+        setting = (state.get("convention", "paper"), state.get("norm", "l2"))
+        _check_config(state["lambda_"], state["mode"], state["merge"], state["alpha"], *setting)
         if set(state["omega"]) != set(state["theta_star"]) or \
                 set(state["task_mean"]) != set(state["task_compensation"]):
             raise ValueError("corrupt MAS state: omega/theta_star or task_mean/task_compensation name sets differ")
@@ -572,6 +602,7 @@ class MAS:
         task.count = int(state["task_count"])
         self._omega, self._theta_star, self._task = place("omega"), place("theta_star"), task
         self.mode, self.lambda_, self.merge = state["mode"], float(state["lambda_"]), state["merge"]
+        self.convention, self.norm = setting
         self.alpha, self.num_tasks = float(state["alpha"]), int(state["num_tasks"])
 
     # ------------------------------------------------------------------ copies

@@ -7,6 +7,9 @@ Three modes (see DESIGN.md):
 - "batch": |∂ Σ_k ‖F(x_k)‖²/∂θ| — the authors' code / Avalanche (signs cancel in a batch).
 - "local": each layer's own ‖Y‖² as the function (Hebbian variant): Δ = 2·Y through the
   rules, else the module's own per-sample gradient, rules verified too (local_mode.py).
+
+The objective (objective.py) replaces ‖F(x_k)‖² by another output norm, or (batch mode
+only) by a library's own loss of the batch output, in train mode if that library does so.
 """
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .capture import Site, eval_mode
-from .fallback import squared_norm
 from .local_mode import local_sums
+from .objective import NORMS, PAPER, Objective, train_mode
 from .per_sample import per_sample_sums
 from .rules import rule_for
 from .state import RULE, WHOLE_MODEL, ImportanceState, describe
@@ -104,24 +107,56 @@ def _zeros(p: Tensor) -> Tensor:
     return torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device)
 
 
+def _add(total: dict[str, Tensor], part: dict[str, Tensor]) -> dict[str, Tensor]:
+    for n, v in part.items():
+        total[n] = total[n] + v if n in total else v
+    return total
+
+
 def _per_sample(model, x, params, output_fn, backend, batch, state: ImportanceState,
-                verify: bool) -> dict[str, Tensor]:
+                verify: bool, objective: Objective) -> dict[str, Tensor]:
+    """Σ_k |g_k| of the objective's part(s) (one per output for norm="vector"), summed."""
     output_of = output_fn or (lambda out: out)
-    return per_sample_sums(
-        model, x, params, lambda: sites_of(model, params, "per_sample", batch, state.levels),
-        lambda: squared_norm(output_tensor(model(x), output_fn, batch)),
-        lambda out: squared_norm(output_of(out)), backend, batch, state, verify)
+    F = None
+    if objective.norm == "vector":  # the number of outputs: one forward without a graph
+        with torch.no_grad():
+            F = output_tensor(model(x), output_fn, batch)
+    parts = objective.parts(F)
+    sums: dict[str, Tensor] = {}
+    for part in parts:
+        _add(sums, per_sample_sums(
+            model, x, params, lambda: sites_of(model, params, "per_sample", batch, state.levels),
+            lambda: part(output_tensor(model(x), output_fn, batch)),
+            lambda out: part(output_of(out)), backend, batch, state, verify))
+    return sums
 
 
-def _batch(model, x, params, output_fn, batch, state: ImportanceState) -> dict[str, Tensor]:
+def _batch(model, x, params, output_fn, batch, state: ImportanceState, objective: Objective) -> dict[str, Tensor]:
+    """|∇ part(F)| of the batch output F, summed over the objective's parts (one forward)."""
     state.record_coverage({n: "batch" for n in params})
+    sums: dict[str, Tensor] = {}
     with torch.enable_grad():
         F = output_tensor(model(x), output_fn, batch)
-        total = squared_norm(F)
-        if not total.requires_grad:
-            return {}
-        grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
-    return {n: g.to(acc_dtype(g.dtype)).abs() for n, g in zip(params, grads) if g is not None}
+        parts = objective.parts(F)
+        for i, part in enumerate(parts):
+            total = part(F)
+            if not total.requires_grad:
+                return {}
+            grads = torch.autograd.grad(total, list(params.values()), allow_unused=True,
+                                        retain_graph=i + 1 < len(parts))
+            _add(sums, {n: g.to(acc_dtype(g.dtype)).abs() for n, g in zip(params, grads) if g is not None})
+    return sums
+
+
+def _check_objective(mode: str, objective: Objective) -> None:
+    if not isinstance(objective, Objective):
+        raise TypeError(f"objective must be a mas_fast.importance.Objective, got {type(objective).__name__}")
+    if mode != "batch" and not objective.per_sample_form:
+        raise ValueError(f"mode={mode!r} needs a per-sample objective (Σ_k f(F_k) in eval mode); this objective "
+                         "is a batch loss or runs in train mode: use mode='batch'")
+    if mode == "local" and objective.norm != "l2":
+        raise ValueError(f"mode='local' takes each layer's own squared L2 norm; norm={objective.norm!r} "
+                         "applies to mode='per_sample' or 'batch'")
 
 
 def _outside_inference_mode(x: Any, params: dict[str, Tensor]) -> Any:
@@ -136,7 +171,8 @@ def _outside_inference_mode(x: Any, params: dict[str, Tensor]) -> Any:
 
 def batch_importance(model: nn.Module, x: Any, params: dict[str, Tensor], mode: str,
                      output_fn: OutputFn = None, backend: str = "auto", verify: bool = True,
-                     state: Optional[ImportanceState] = None) -> tuple[dict[str, Tensor], int]:
+                     state: Optional[ImportanceState] = None,
+                     objective: Objective = PAPER) -> tuple[dict[str, Tensor], int]:
     """Σ over the samples of `x` of |g| for every parameter in `params`, and the sample count.
 
     Runs in eval mode (each module's mode restored), never touches `.grad`, and works under
@@ -147,21 +183,25 @@ def batch_importance(model: nn.Module, x: Any, params: dict[str, Tensor], mode: 
     `verify` (per_sample mode): check each rule and module-local path against autograd's
     batch gradient on the first batch of `state`'s pass (see per_sample.py); `state` carries
     demotions, warnings and coverage between batches (a fresh one when None).
+
+    `objective` (objective.py): the output norm, or a batch loss (mode="batch" only, where
+    the result is |∇ loss| of the batch), and whether the pass runs in train mode.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_objective(mode, objective)
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
     batch = batch_size(x)
     if batch == 0:
         raise ValueError("the input batch is empty (0 samples)")
     state = state if state is not None else ImportanceState()
-    with torch.inference_mode(False), eval_mode(model):
+    with torch.inference_mode(False), (train_mode if objective.train else eval_mode)(model):
         x = _outside_inference_mode(x, params)
         if mode == "per_sample":
-            sums = _per_sample(model, x, params, output_fn, backend, batch, state, verify)
+            sums = _per_sample(model, x, params, output_fn, backend, batch, state, verify, objective)
         elif mode == "batch":
-            sums = _batch(model, x, params, output_fn, batch, state)
+            sums = _batch(model, x, params, output_fn, batch, state, objective)
         else:
             sites = sites_of(model, params, "local", batch)
             sums = local_sums(sites, lambda: output_tensor(model(x), output_fn, batch), backend, batch, state,
@@ -175,5 +215,5 @@ def batch_importance(model: nn.Module, x: Any, params: dict[str, Tensor], mode: 
     return result, batch
 
 
-__all__ = ["MODES", "ImportanceState", "NonFiniteError", "batch_importance", "batch_size", "output_tensor",
+__all__ = ["MODES", "NORMS", "ImportanceState", "Objective", "NonFiniteError", "batch_importance", "batch_size", "output_tensor",
            "sites_of"]

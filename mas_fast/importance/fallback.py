@@ -15,14 +15,9 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..ops.policy import acc_dtype, samples_per_chunk
+from .objective import squared_norm
 
 Tensor = torch.Tensor
-
-def squared_norm(output: Any) -> Tensor:
-    """Σ ‖leaf‖² over the tensor leaves of a (possibly nested) output, in float32 or wider."""
-    leaves = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.is_floating_point()]
-    return sum(t.to(acc_dtype(t.dtype)).square().sum() for t in leaves)
-
 
 def _batched_mask(tree: Any, batch: int) -> Any:
     """True for tensor leaves whose dimension 0 indexes samples (size == batch)."""

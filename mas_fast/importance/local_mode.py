@@ -17,7 +17,8 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from .capture import Site, detached, hooked, without_autocast
-from .fallback import module_local, squared_norm
+from .fallback import module_local
+from .objective import squared_norm
 from .state import MODULE_LOCAL, RULE, ImportanceState, describe
 from .verify import mismatch, tolerance
 
