@@ -1,12 +1,12 @@
 """Avalanche drop-in: mas_fast.integrations.avalanche.MASPlugin inside real Avalanche strategies.
 
-mode="avalanche" runs side by side with Avalanche's own MASPlugin on the same data, seeds and
-model (BatchNorm and dropout, so the train-mode pass matters; a multi-head model whose new
-heads appear per experience; a class-incremental head that grows): Ω after every
-experience, the loss of every training iteration and the final weights must agree. The
-importance pass is the same float arithmetic as Avalanche's; the penalty is mas_fast's
-(another summation order), so everything downstream agrees to float32 round-off
-(tests/tolerances.py float32). The default mode is checked against mas_fast.MAS.
+mode="avalanche" (mas_fast.MAS(convention="avalanche")) runs side by side with Avalanche's
+own MASPlugin on the same data, seeds and model (BatchNorm and dropout, so the train-mode
+pass matters; a multi-head model whose new heads appear per experience; a class-incremental
+head that grows): Ω after every experience, the loss of every training iteration and the
+final weights must agree. The mean over batches and the penalty are mas_fast's (another
+summation order), so everything agrees to float32 round-off (tests/tolerances.py float32).
+The default mode is checked against mas_fast.MAS.
 """
 import copy
 import inspect
@@ -121,8 +121,6 @@ def test_compat_mode_reproduces_avalanches_plugin(case):
         assert o_ours.keys() == o_theirs.keys()
         for n, v in o_theirs.items():
             assert_close(o_ours[n], v, torch.float32, f"experience {exp} Ω[{n}]")
-        if exp == 0:  # identical weights so far: the pass is the same arithmetic, bit for bit
-            assert all(torch.equal(o_ours[n], v) for n, v in o_theirs.items())
         for n, v in theirs[1][exp].items():
             assert_close(ours[1][exp][n], v, torch.float32, f"experience {exp} θ*[{n}]")
     assert ours[2].shape == theirs[2].shape

@@ -7,11 +7,11 @@ training later experiences, λ Σ Ω (θ − θ*)² is added to the strategy's l
 
 - `mode="per_sample"` (default; also "batch" or "local", see `mas_fast.MAS`): mas_fast's
   importance (the paper's per-sample Ω, eval mode, fused rules) and fused penalty.
-- `mode="avalanche"`: the compatibility setting. Reproduces Avalanche 0.6's MASPlugin: the
-  importance pass in train mode, the loss ‖F‖ (Frobenius over dim 1) squared and averaged
-  over the batch, |grad| summed over batches and divided by the number of batches, the
-  α-mix (parameters new to the model take the experience's Ω unmixed; grown ones are
-  zero-padded first), and the penalty over the same parameters, through mas_fast's penalty.
+- `mode="avalanche"`: `mas_fast.MAS(convention="avalanche")`, which reproduces Avalanche's
+  MASPlugin: the importance pass in train mode, the loss ‖F‖ (Frobenius over dim 1) squared
+  and averaged over the batch, |grad| averaged over batches, the α-mix (parameters new to
+  the model take the experience's Ω unmixed; grown ones are zero-padded first), and the
+  penalty over the same parameters (docs/conventions.md).
 
 Growing layers (e.g. Avalanche's IncrementalClassifier) are handled as Avalanche does: the
 stored Ω and θ* are zero-padded to the new shape, so new units are free to move.
@@ -73,7 +73,7 @@ class MASPlugin(SupervisedPlugin):
         alpha: Ω ← αΩ + (1−α)Ω_experience after each experience (the first one sets Ω).
         verbose: print a line and show a progress bar during each importance pass.
         mode: "per_sample" (the paper, default), "batch", "local", or "avalanche"
-            (reproduce Avalanche's own MASPlugin).
+            (reproduce Avalanche's own MASPlugin: `MAS(convention="avalanche")`).
         backend: mas_fast kernel backend ("auto", "reference", "cpp", "triton", "cuda").
     """
 
@@ -127,12 +127,9 @@ class MASPlugin(SupervisedPlugin):
         loader = self._loader(strategy)
         if self.verbose:
             print("Computing importance")
-        if self.mode == AVALANCHE:
-            self._consolidate_like_avalanche(strategy, loader)
-        else:
-            device = strategy.device
-            inputs = (((x.to(device), t.to(device)),) for x, t in self._batches(loader))
-            mas.consolidate(inputs, progress=False)  # _batches shows the progress bar
+        device = strategy.device
+        inputs = (((x.to(device), t.to(device)),) for x, t in self._batches(loader))
+        mas.consolidate(inputs, progress=False)  # _batches shows the progress bar
 
     # ------------------------------------------------------------------ internals
 
@@ -142,8 +139,9 @@ class MASPlugin(SupervisedPlugin):
         mas = self.mas
         if mas is not None and mas.model.model is model and not self._grown(mas):
             return mas
+        setting = dict(convention=AVALANCHE) if self.mode == AVALANCHE else dict(mode=self.mode)
         fresh = MAS(_TaskLabelled(model), lambda_=self.lambda_reg, merge="alpha", alpha=self.alpha,
-                    mode=MODES[1] if self.mode == AVALANCHE else self.mode, backend=self.backend)
+                    backend=self.backend, **setting)
         if mas is not None:
             named = dict(fresh.model.named_parameters())
             state = mas.state_dict()
@@ -179,37 +177,6 @@ class MASPlugin(SupervisedPlugin):
             if len(batch) not in (2, 3):
                 raise ValueError("Batch size is not valid")
             yield batch[0], batch[-1]
-
-    def _consolidate_like_avalanche(self, strategy: Any, loader: DataLoader) -> None:
-        """Avalanche's MASPlugin.after_training_exp, with the state kept in `self.mas`."""
-        model = strategy.model
-        theta_star = {n: p.detach().clone() for n, p in model.named_parameters()}
-        importance = {n: torch.zeros(p.shape).to(p.device) for n, p in model.named_parameters()}
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        modes = [(m, m.training) for m in model.modules()]
-        model.train()  # as Avalanche: BatchNorm on batch statistics, dropout active
-        try:
-            for x, t in self._batches(loader):
-                out = avalanche_forward(model, x.to(strategy.device), t)
-                loss = torch.norm(out, p="fro", dim=1).pow(2).mean()
-                grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
-                for (n, _), g in zip(trainable, grads):
-                    if g is not None:  # None: another task's head
-                        importance[n] += g.abs()
-        finally:
-            for m, training in modes:
-                m.training = training
-        for n in importance:
-            importance[n] /= float(len(loader))
-        state = self.mas.state_dict()
-        if strategy.clock.train_exp_counter != 0:
-            old = self._unprefixed(self.mas.importance)
-            importance = {n: self.alpha * old[n] + (1 - self.alpha) * v if n in old else v
-                          for n, v in importance.items()}
-        state["omega"] = {_PREFIX + n: v for n, v in importance.items()}
-        state["theta_star"] = {_PREFIX + n: v for n, v in theta_star.items()}
-        state["num_tasks"] += 1
-        self.mas.load_state_dict(state)
 
 
 __all__ = ["MASPlugin", "PLUGIN_MODES"]
