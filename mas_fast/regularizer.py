@@ -364,8 +364,12 @@ class MAS:
         _check_loader(loader)
         task = self._task.copy() if self._task.count else _TaskImportance()
         engine.new_pass()
+        # without a bar, the loader is iterated as a plain loop does: tqdm.auto's (asyncio)
+        # tqdm calls iter(loader) when built, and each DataLoader iterator draws a seed from
+        # the global RNG (a train-mode pass must see the dropout masks a plain loop would)
+        batches = tqdm(loader, desc="MAS importance", leave=False) if progress else loader
         with _exclusive_pass(self.model):
-            for batch in tqdm(loader, desc="MAS importance", disable=not progress, leave=False):
+            for batch in batches:
                 self._accumulate_into(task, batch_input(batch), engine)
         return task
 
