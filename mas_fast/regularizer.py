@@ -310,7 +310,8 @@ class MAS:
         """Add one unlabeled batch to the current task's running Ω; returns its sample count.
 
         Usable at any time (e.g. on unlabeled test-time data): streaming batches of any
-        sizes gives the same Ω as one pass over their union.
+        sizes gives the same Ω as one pass over their union (per-sample modes; a
+        convention whose Ω is a mean over batches depends on the batches, as its library does).
         """
         with _exclusive_pass(self.model):
             return self._accumulate_into(self._task, x)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from mas_fast import MAS
 from mas_fast.conventions import CONVENTIONS, class_proportional_alpha
 from mas_fast.optim import SGD
-from models import randomize_norm_stats
+from models import make_case, randomize_norm_stats
 from state_checks import perturb
 
 TOL = 1e-6
@@ -132,14 +132,20 @@ def test_authors_convention_is_the_official_code(norm):
     assert_within({n: p.grad for n, p in params_of(model).items()}, want, "penalty gradient")
 
 
+@pytest.mark.parametrize("case", ["bn_dropout", "cnn"])
 @pytest.mark.parametrize("norm", ["l2", "l1", "vector"])
-def test_paper_convention_is_the_official_code_with_batches_of_one(norm):
-    """Per sample (the paper), every norm goes through the exact per-sample path: it equals the
-    official code run one sample at a time, and not the official code with batches."""
-    model, loader = make()
+def test_paper_convention_is_the_official_code_with_batches_of_one(norm, case):
+    """Per sample (the paper), every norm goes through the exact per-sample path (the layer
+    rules, on Δ = 2F, sign(F) or one output's indicator): it equals the official code run
+    one sample at a time, and not the official code with batches."""
+    if case == "cnn":  # Conv2d, BatchNorm2d, GroupNorm, Conv1d, Linear
+        model, x = make_case("cnn", batch=N)
+        loader = DataLoader(TensorDataset(x, torch.zeros(N, dtype=torch.long)), batch_size=BATCH)
+    else:
+        model, loader = make()
     ones = DataLoader(loader.dataset, batch_size=1)
     mas = consolidated(model, loader, norm=norm)
-    assert mas.mode == "per_sample" and mas.coverage()["net.0.weight"] == "rule"
+    assert mas.mode == "per_sample" and set(mas.coverage().values()) == {"rule"}
     assert_within(mas.importance, theirs_authors(copy.deepcopy(model), [ones], norm), f"paper ({norm})")
     batched = theirs_authors(copy.deepcopy(model), [loader], norm)
     assert any(not torch.allclose(mas.importance[n], batched[n]) for n in batched)  # signs cancel in batches
@@ -300,6 +306,15 @@ def test_hsu_is_the_authors_code_divided_by_the_output_size():
     hsu = consolidated(copy.deepcopy(model), loader, convention="hsu")
     authors = consolidated(copy.deepcopy(model), loader, convention="authors")
     assert_within({n: v * 4 for n, v in hsu.importance.items()}, dict(authors.importance), "Ω_hsu × 4")
+
+
+def test_avalanche_and_the_authors_code_agree_without_batchnorm_or_dropout():
+    """docs/conventions.md: for 2-D outputs the two objectives are the same; only the
+    train-mode pass (and the merge) tells them apart."""
+    model, x = make_case("mlp", batch=N)
+    loader = DataLoader(TensorDataset(x, torch.zeros(N, dtype=torch.long)), batch_size=BATCH)
+    avalanche = consolidated(copy.deepcopy(model), loader, convention="avalanche")
+    assert_within(dict(avalanche.importance), theirs_authors(copy.deepcopy(model), [loader], "l2"), "Ω")
 
 
 # ---------------------------------------------------------------- Avalanche
