@@ -209,8 +209,9 @@ class MAS:
             convention's default; per-batch conventions allow only "batch"):
             - "per_sample" (the paper): Ω = (1/N) Σ_k |∂‖F(x_k)‖²/∂θ|; equals the authors'
               code with batch size 1. Exact, computed without per-sample gradient tensors.
-            - "batch" (the authors' code): Ω = (1/N) Σ_b |∂ Σ_{k∈b} ‖F(x_k)‖²/∂θ|; equals
-              Avalanche's MASPlugin normalisation when all batches have the same size.
+            - "batch": Ω = (1/N) Σ_b |∂ Σ_{k∈b} ‖F(x_k)‖²/∂θ| (signs cancel in a batch); the
+              per-batch conventions ("authors", "facil", "hsu", "avalanche") use this path
+              with their own objective and normalisation.
             - "local" (Hebbian variant): each layer's own output y is the function; for a
               Linear layer Ω_ij = (1/N) Σ_k |Σ_t 2 y_kti x_ktj|.
         merge: across tasks, "sum" (Ω ← Ω + Ω_task, the paper) or "alpha"
