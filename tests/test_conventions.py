@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mas_fast import MAS
 from mas_fast.conventions import CONVENTIONS, class_proportional_alpha
+from mas_fast.importance import Objective, batch_importance
 from mas_fast.optim import SGD
 from models import make_case, randomize_norm_stats
 from state_checks import perturb
@@ -406,3 +407,17 @@ def test_state_dict_keeps_the_convention():
     older["mode"] = "per_sample"
     other.load_state_dict(older)  # a state saved without a convention is the paper's, L2
     assert (other.convention, other.norm) == ("paper", "l2")
+
+
+def test_the_engine_refuses_a_batch_objective_on_a_per_sample_path():
+    model, loader = make()
+    x = loader.dataset.tensors[0]
+    for mode in ("per_sample", "local"):
+        with pytest.raises(ValueError, match="use mode='batch'"):
+            batch_importance(model, x, params_of(model), mode, objective=CONVENTIONS["facil"].objective("l2"))
+    with pytest.raises(ValueError, match="mode='local' takes each layer's own squared L2 norm"):
+        batch_importance(model, x, params_of(model), "local", objective=Objective(norm="l1"))
+    with pytest.raises(TypeError, match="objective must be"):
+        batch_importance(model, x, params_of(model), "batch", objective="l1")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        Objective(norm="l3")

@@ -107,10 +107,9 @@ def _zeros(p: Tensor) -> Tensor:
     return torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device)
 
 
-def _add(total: dict[str, Tensor], part: dict[str, Tensor]) -> dict[str, Tensor]:
+def _add(total: dict[str, Tensor], part: dict[str, Tensor]) -> None:
     for n, v in part.items():
         total[n] = total[n] + v if n in total else v
-    return total
 
 
 def _per_sample(model, x, params, output_fn, backend, batch, state: ImportanceState,
@@ -175,9 +174,9 @@ def batch_importance(model: nn.Module, x: Any, params: dict[str, Tensor], mode: 
                      objective: Objective = PAPER) -> tuple[dict[str, Tensor], int]:
     """Σ over the samples of `x` of |g| for every parameter in `params`, and the sample count.
 
-    Runs in eval mode (each module's mode restored), never touches `.grad`, and works under
-    torch.no_grad() and torch.inference_mode() (it enables what the pass needs). Every
-    returned tensor is float32 (float64 for float64 parameters) and finite, else
+    Runs in eval mode (train mode for a train-mode objective; each module's mode restored),
+    never touches `.grad`, and works under torch.no_grad() and torch.inference_mode() (it
+    enables what the pass needs). Every returned tensor is float32 (float64 for float64 parameters) and finite, else
     NonFiniteError is raised.
 
     `verify` (per_sample mode): check each rule and module-local path against autograd's
@@ -215,5 +214,5 @@ def batch_importance(model: nn.Module, x: Any, params: dict[str, Tensor], mode: 
     return result, batch
 
 
-__all__ = ["MODES", "NORMS", "ImportanceState", "Objective", "NonFiniteError", "batch_importance", "batch_size", "output_tensor",
-           "sites_of"]
+__all__ = ["MODES", "NORMS", "ImportanceState", "NonFiniteError", "Objective", "batch_importance", "batch_size",
+           "output_tensor", "sites_of"]
