@@ -573,7 +573,7 @@ class MAS:
             raise ValueError(f"not a mas_fast MAS state_dict (missing keys: {missing})")
         if state["format"] != STATE_FORMAT:
             raise ValueError(f"unsupported MAS state format {state['format']!r} (expected {STATE_FORMAT!r})")
-        # states saved before conventions existed are the paper's, with the L2 norm
+        # a state without a convention (or norm) is the paper's (with the L2 norm)
         setting = (state.get("convention", "paper"), state.get("norm", "l2"))
         _check_config(state["lambda_"], state["mode"], state["merge"], state["alpha"], *setting)
         if set(state["omega"]) != set(state["theta_star"]) or \
