@@ -119,8 +119,11 @@ class Site:
             return None
         first = args[0]
         dims = [d for d in self.rule.sample_dims(module, first) if first.shape[d] == self.batch]
-        if not dims and not self.needs_call and self._broadcast(first, outputs[0]) and \
-                0 in self.rule.sample_dims(module, first):
+        broadcast = not self.needs_call and self._broadcast(first, outputs[0]) and \
+            0 in self.rule.sample_dims(module, first)
+        if broadcast and dims:  # (1, T) with T == B: broadcast ids, or seq-first (T=1, B)? Unknown.
+            dims.append(0)
+        elif broadcast:
             first, outputs = self._expand(first), (self._expand(outputs[0]),)
             output, dims = outputs[0], [0]
         if len(dims) != 1:  # which dimension holds the samples is unknown: fallback
