@@ -22,6 +22,8 @@ Tensor = torch.Tensor
 VOCAB = 256          # bytes
 SPLIT_SEED = 20180908
 DOMAINS = ("prose", "python")
+TEXT_SCENARIO = "text"
+TEXT_TITLE = "Text, byte-level LM: English prose → Python source"
 TITLES = {"prose": "English prose (pydoc_data.topics)", "python": "Python source (stdlib .py files)"}
 
 
