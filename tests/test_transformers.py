@@ -249,3 +249,29 @@ def test_called_outside_a_trainer_is_an_error():
 def test_output_without_logits_needs_output_fn():
     with pytest.raises(TypeError, match="output_fn"):
         MAS(KeywordCall(torch.nn.Linear(3, 2))).accumulate(torch.randn(2, 3))
+
+
+def test_penalty_still_acts_once_on_a_path_that_never_unscales(tmp_path):
+    """No norm computed (older Trainers with clipping off): on_pre_optimizer_step unscales and adds it."""
+    lam, lr = 0.03, 0.1
+    data = Windows(random_windows(16, 128, 256, 3))
+    model, callback = _first_task_then_moved(tmp_path, lam)
+    state = callback.mas.state_dict()
+    oracle_model = copy.deepcopy(model)
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=1, optim="sgd", learning_rate=lr,
+                                                  max_grad_norm=0.0, gradient_accumulation_steps=2,
+                                                  per_device_train_batch_size=8),
+                      train_dataset=data, callbacks=[callback])
+    trainer._get_grad_norm = lambda model, grad_norm=None: 0.0  # the norm pass would unscale
+    trainer.train()
+
+    mas = MAS(KeywordCall(oracle_model), lambda_=lam)
+    mas.load_state_dict(state)
+    loss = oracle_model(input_ids=data.ids, labels=data.ids).loss
+    errors = []
+    for times in (1, 0, 2):  # the penalty once; and what missing or doubling it would give
+        oracle_model.zero_grad()
+        (loss + times * mas.penalty()).backward(retain_graph=True)
+        errors.append(max((p - (q - lr * q.grad)).abs().max().item()
+                          for p, q in zip(model.parameters(), oracle_model.parameters())))
+    assert errors[0] < 0.01 * min(errors[1:]), errors  # fp32 round-off of unclipped steps vs a real difference

@@ -208,9 +208,15 @@ class MASCallback(TrainerCallback):
         self._step_open = True
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self._step_open and self.mas is not None and self.mas.num_tasks:
-            warnings.warn("MASCallback: this Trainer path did not unscale/clip through Accelerate; the "
-                          "MAS penalty gradient is added after gradient clipping", RuntimeWarning)
+        """Paths that did not unscale through Accelerate this step (no norm computed, DeepSpeed):
+        unscale now, which adds the penalty through the wrapper."""
+        if not self._step_open:
+            return
+        if args.max_grad_norm and self.mas is not None and self.mas.num_tasks:
+            warnings.warn("MASCallback: this Trainer path clipped gradients without Accelerate's "
+                          "clip_grad_norm_; the MAS penalty gradient is added after clipping", RuntimeWarning)
+        if self._trainer is not None:
+            self._trainer.accelerator.unscale_gradients()
         self._add_penalty()
 
     # ------------------------------------------------------------------ end of task, checkpoints
