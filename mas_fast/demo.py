@@ -134,7 +134,7 @@ def run_search(config: Config, splits, args, device: torch.device, out: str) -> 
 
         found_text = search_text_lambdas(text, methods, device, args.backend, progress=not args.no_progress)
         print(f"\nλ search, {TITLES[TEXT_SCENARIO]} ({text.name}): seed {SEARCH_SEED}, validation windows "
-              "(final mean loss / prose forgetting in nats/byte, * = chosen)")
+              "(Python loss reduction / prose forgetting in nats/byte, * = chosen)")
         print(text_search_table(found_text))
         chosen[TEXT_SCENARIO] = {m: v["best"] for m, v in found_text.items()}
         doc.update(text_preset=text.name, text_grid=list(TEXT_LAMBDA_GRID), text_results=found_text)

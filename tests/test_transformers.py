@@ -275,3 +275,30 @@ def test_penalty_still_acts_once_on_a_path_that_never_unscales(tmp_path):
         errors.append(max((p - (q - lr * q.grad)).abs().max().item()
                           for p, q in zip(model.parameters(), oracle_model.parameters())))
     assert errors[0] < 0.01 * min(errors[1:]), errors  # fp32 round-off of unclipped steps vs a real difference
+
+
+def test_fp16_grad_scaler_penalty_acts_on_unscaled_gradients(tmp_path):
+    """Accelerate's fp16 GradScaler path, run on CPU: the loss is scaled by 2^12 in backward and
+    unscaled before clipping; the penalty joins after unscaling, so the update equals fp32's
+    (power-of-two scaling is exact). Added before unscaling it would shrink 4096-fold."""
+    lam, clip = 30.0, 0.05
+    data = Windows(random_windows(32, 128, 256, 3))
+    model, callback = _first_task_then_moved(tmp_path, lam)
+    start, state = copy.deepcopy(model.state_dict()), callback.mas.state_dict()
+    updated = {}
+    for scaled in (False, True):
+        model.load_state_dict(start)
+        callback.mas.load_state_dict(state)
+        trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=1, optim="sgd", learning_rate=0.1,
+                                                      gradient_accumulation_steps=4, per_device_train_batch_size=8,
+                                                      max_grad_norm=clip, fp16=scaled),
+                          train_dataset=data, callbacks=[callback])
+        if scaled:  # what Accelerate sets up for fp16 on CUDA
+            trainer.accelerator.native_amp = True
+            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+        trainer.train()
+        updated[scaled] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert trainer.optimizer.scaler is trainer.accelerator.scaler and not trainer.accelerator.optimizer_step_was_skipped
+    for n in updated[False]:
+        torch.testing.assert_close(updated[True][n], updated[False][n], rtol=1e-6, atol=1e-7)
+    assert max((updated[False][n] - start[n]).abs().max().item() for n in updated[False]) > 1e-4  # a real step

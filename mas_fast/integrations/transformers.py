@@ -88,7 +88,10 @@ class _Inputs:
         self.loader, self.max_samples = loader, max_samples
 
     def __len__(self) -> int:
-        return len(self.loader)
+        batch = getattr(self.loader, "batch_size", None)
+        if self.max_samples is None or not batch:
+            return len(self.loader)
+        return min(len(self.loader), -(-self.max_samples // batch))
 
     def __iter__(self) -> Iterator[Any]:
         left = self.max_samples
