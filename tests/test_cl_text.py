@@ -108,4 +108,14 @@ def test_text_size_flag_picks_the_large_preset(capsys):
     config = text_config(args)
     assert config == TEXT_PRESETS["large"].with_overrides(seeds=(4,))
     assert text_config(parser().parse_args(["--scenarios", "permuted"])) is None
-    assert text_scenario.TEXT_LAMBDA_GRID[0] < min(TEXT_PRESETS["default"].lambdas.values())
+
+
+def test_lambda_search_halves_forgetting_then_minimises_the_mean_loss():
+    found = text_scenario.search_text_lambdas(SMALL, ["mas_batch"], torch.device("cpu"), grid=(1e-6, 1e-3, 1e6),
+                                              progress=False)
+    entry = found["mas_batch"]
+    assert len(entry["forgetting"]) == len(entry["new_gain"]) == 3 and entry["best"] in entry["grid"]
+    ceiling = text_scenario.STABILITY * entry["finetune"]["forgetting"]
+    eligible = [i for i, f in enumerate(entry["forgetting"]) if f <= ceiling]
+    assert 2 in eligible and entry["new_gain"][2] < 0.1 * entry["finetune"]["new_gain"]  # λ = 1e6: frozen
+    assert entry["grid"].index(entry["best"]) == min(eligible, key=lambda i: entry["final_loss"][i])
