@@ -102,6 +102,14 @@ def vision_scenarios(args: argparse.Namespace) -> list[str]:
     return [s for s in args.scenarios if s != TEXT_SCENARIO]
 
 
+def data_source(splits, args: argparse.Namespace) -> str:
+    """Where the data comes from: the digits' source and/or the shipped text."""
+    parts = [splits.source] if splits is not None else []
+    if TEXT_SCENARIO in args.scenarios:
+        parts.append("text: pydoc_data.topics and the standard library's .py files")
+    return "; ".join(parts)
+
+
 def describe(config: Config, text, source: str, device: torch.device, backend: str) -> str:
     lines = [f"mas_fast demo | preset {config.name}: MLP 784-{'-'.join(map(str, config.hidden))}, "
              f"Adam lr {config.lr:g}, batch {config.batch_size}, {config.epochs} epochs/task"]
@@ -113,8 +121,7 @@ def describe(config: Config, text, source: str, device: torch.device, backend: s
 
 
 def run_search(config: Config, splits, args, device: torch.device, out: str) -> None:
-    from .cl.report import write_json
-    from .cl.report import TITLES
+    from .cl.report import TITLES, write_json
     from .cl.search import search_lambdas, search_table
 
     methods = [m for m in args.methods if m in REGULARIZED]
@@ -158,7 +165,7 @@ def run_demo(config: Config, splits, args, device: torch.device, out: str, start
     write_plots(runs, out)
     seconds = time.perf_counter() - started
     write_json(os.path.join(out, "results.json"),
-               results_document(config, runs, source=splits.source, device=str(device),
+               results_document(config, runs, source=data_source(splits, args), device=str(device),
                                 backend=args.backend, seconds=seconds, text_config=text))
     print(f"\ntotal time {seconds:.0f} s (ACC: mean final accuracy; BWT: backward transfer, "
           "negative = forgetting; times are per run, mean over seeds)")
@@ -174,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = resolve_device(args.device)
         from .cl.data import load_splits
 
-        splits = load_splits(args.data_dir)
+        splits = load_splits(args.data_dir) if vision_scenarios(args) else None  # text only: no digits
     except (ValueError, ImportError) as exc:
         p.error(str(exc))
     out = args.out or os.path.join("mas_fast_out", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -182,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
     try:
-        print(describe(config, text_config(args), splits.source, device, args.backend))
+        print(describe(config, text_config(args), data_source(splits, args), device, args.backend))
         if args.search_lambda:
             run_search(config, splits, args, device, out)
         else:
