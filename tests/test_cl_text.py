@@ -101,7 +101,7 @@ def test_text_demo_writes_tables_json_and_plots(tmp_path, capsys, monkeypatch):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == PNG, name
 
 
-def test_text_size_flag_picks_the_large_preset(capsys):
+def test_text_size_flag_picks_the_large_preset():
     from mas_fast.demo import parser, text_config
 
     args = parser().parse_args(["--scenarios", "text", "--text-size", "large", "--seeds", "4"])

@@ -4,7 +4,6 @@ Oracles: plain PyTorch (loss + mas.penalty(), backward, clip, SGD step) for the 
 MAS on unpadded single sequences for the padding mask; an uninterrupted run for resume.
 """
 import copy
-import os
 import warnings
 
 import pytest
