@@ -191,16 +191,29 @@ def tiny_llama(seed=0):
                                         pad_token_id=0))
 
 
-def test_padded_positions_do_not_count_toward_importance(tmp_path):
-    """Right-padded batches through the Trainer give the Ω of the unpadded sequences.
-
-    RMSNorm weights are frozen: a parameter without an exact rule goes to mas_fast's
-    whole-model vmap fallback, which cannot run Hugging Face's attention-mask code."""
-    g = torch.Generator().manual_seed(6)
-    sequences = [torch.randint(0, 256, (n,), generator=g) for n in (5, 12, 20, 32, 9, 17, 26, 3)]
-    model, callback = tiny_llama(), MASCallback(lambda_=1.0)
+def _llama_exact_rules():
+    """Llama with RMSNorm frozen: every trainable parameter has an exact rule, sdpa attention."""
+    model = tiny_llama()
     for name, p in model.named_parameters():
         p.requires_grad_("norm" not in name)
+    return model
+
+
+def _gpt2_eager():
+    """GPT-2 (tied wte/lm_head, Conv1D: the vmap fallback) with eager attention, whose mask code
+    vmap can run (sdpa's branches on the mask's values)."""
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=SEQ,
+                                      bos_token_id=0, eos_token_id=0, attn_implementation="eager"))
+
+
+@pytest.mark.parametrize("make_model, probe", [(_llama_exact_rules, "model.lm_head.weight"),
+                                               (_gpt2_eager, "model.transformer.wte.weight")])
+def test_padded_positions_do_not_count_toward_importance(tmp_path, make_model, probe):
+    """Right-padded batches through the Trainer give the Ω of the unpadded sequences."""
+    g = torch.Generator().manual_seed(6)
+    sequences = [torch.randint(0, 256, (n,), generator=g) for n in (5, 12, 20, 32, 9, 17, 26, 3)]
+    model, callback = make_model(), MASCallback(lambda_=1.0)
     trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=1, learning_rate=0.0,
                                                   per_device_train_batch_size=4),
                       train_dataset=[{"input_ids": s} for s in sequences], data_collator=_padding_collator,
@@ -213,11 +226,10 @@ def test_padded_positions_do_not_count_toward_importance(tmp_path):
     unmasked = MAS(KeywordCall(model))
     unmasked.accumulate({"input_ids": _padding_collator([{"input_ids": s} for s in sequences])["input_ids"]})
     omega = callback.mas.importance
+    assert set(omega) == {"model." + n for n, p in model.named_parameters() if p.requires_grad}
     for n, expected in oracle.task_importance.items():
         torch.testing.assert_close(omega[n], expected, rtol=1e-4, atol=1e-7)
-    assert "model.model.norm.weight" not in omega
-    lm_head = "model.lm_head.weight"
-    assert not torch.allclose(unmasked.task_importance[lm_head], omega[lm_head], rtol=1e-3)  # padding would count
+    assert not torch.allclose(unmasked.task_importance[probe], omega[probe], rtol=1e-3)  # padding would count
 
 
 def test_importance_dataset_and_max_samples(tmp_path):

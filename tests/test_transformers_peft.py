@@ -56,3 +56,26 @@ def test_lora_importance_covers_exactly_the_adapters():
         assert omega[n].dtype == torch.float64
         assert float(v.abs().max()) > 0.0, n
         torch.testing.assert_close(omega[n], v, rtol=1e-9, atol=1e-12)
+
+
+def test_trainer_with_lora_penalises_only_the_adapters(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from mas_fast.integrations.transformers import MASCallback
+
+    model = lora_llama().float()
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    callback = MASCallback(lambda_=1.0)
+    g = torch.Generator().manual_seed(2)
+    for task in range(2):
+        ids = torch.randint(32 * task, 32 * task + 32, (16, 12), generator=g)
+        args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
+                                 report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                                 logging_strategy="no")
+        Trainer(model=model, args=args, train_dataset=[{"input_ids": x, "labels": x} for x in ids],
+                callbacks=[callback]).train()
+    assert callback.mas.num_tasks == 2 and callback.last_penalty > 0.0
+    assert callback.mas.importance and all("lora_" in n for n in callback.mas.importance)
+    for n, p in model.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]), n  # frozen base weights: untouched, no penalty
