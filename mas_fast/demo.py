@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
                    default=[*SCENARIOS, TEXT_SCENARIO])
     p.add_argument("--text-size", choices=("default", "large"), default="default",
                    help="text scenario: default (2-layer width-64 byte GPT, 48-byte windows, 120 steps/task) "
-                        "or large (4 layers, width 128, 128-byte windows, 1000 steps/task)")
+                        "or large (4 layers, width 128, 120-byte windows, 500 steps/task; λ of the default size)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--data-dir", help="folder with the standard MNIST IDX files "
                                       "(train-images-idx3-ubyte etc., optionally .gz); default: "

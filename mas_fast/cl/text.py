@@ -32,7 +32,7 @@ from .text_model import ByteGPT, next_byte_loss
 from .train import RunResult, Stopwatch
 
 Tensor = torch.Tensor
-IMPORTANCE_BATCH = 128
+IMPORTANCE_BATCH = 128  # never a preset's window length: with B == T the rules cannot tell samples from positions
 EVAL_BATCH = 256
 TEXT_LAMBDA_GRID = tuple(10.0 ** e for e in range(-6, 7))  # 1e-6 … 1e6: MAS's Ω and EWC's Fisher differ by decades
 STABILITY = 0.5  # the λ search's λ keeps the first domain's forgetting at most this share of fine-tuning's
@@ -69,8 +69,8 @@ TEXT_PRESETS = {
         train_windows=4096, val_windows=256, test_windows=512, importance_samples=512,
         lambdas=SEARCHED_LAMBDAS),
     "large": TextConfig(
-        name="large", seq_len=128, width=128, layers=4, heads=4, steps=1000, batch_size=32, lr=1e-3,
-        train_windows=16384, val_windows=512, test_windows=1024, importance_samples=2048,
+        name="large", seq_len=120, width=128, layers=4, heads=4, steps=500, batch_size=32, lr=1e-3,
+        train_windows=3200, val_windows=256, test_windows=384, importance_samples=1024,  # prose: 3,885 windows
         lambdas=SEARCHED_LAMBDAS),  # the default size's λ, not searched again at this size
 }
 
