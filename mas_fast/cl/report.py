@@ -5,7 +5,7 @@ import datetime
 import json
 import math
 from dataclasses import asdict
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
@@ -15,6 +15,9 @@ from .metrics import mean_std, seen_task_accuracy, summarise
 from .scenarios import TITLES as VISION_TITLES
 from .text_data import DOMAINS, TEXT_SCENARIO, TEXT_TITLE
 from .train import RunResult
+
+if TYPE_CHECKING:
+    from .text import TextConfig
 
 TITLES = {**VISION_TITLES, TEXT_SCENARIO: TEXT_TITLE}
 
@@ -85,8 +88,8 @@ def loss_table(method_runs: dict[str, list[RunResult]]) -> str:
                 cells.append(f"{m:.3f} ± {sd:.3f}")
         ppl = [f"{mean_std([math.exp(r.R[-1][j]) for r in runs])[0]:.2f}" for j in range(len(DOMAINS))]
         lam = f"{runs[0].lambda_:g}" if runs[0].lambda_ else "-"
-        rows.append([method, lam, *cells, " / ".join(ppl), f"{s['forgetting']['mean']:+.3f} ± {s['forgetting']['std']:.3f}",
-                     *(f"{s[t]['mean']:.2f}" for t in TIMES)])
+        forgetting = f"{s['forgetting']['mean']:+.3f} ± {s['forgetting']['std']:.3f}"
+        rows.append([method, lam, *cells, " / ".join(ppl), forgetting, *(f"{s[t]['mean']:.2f}" for t in TIMES)])
     after = [f"{d} after {t + 1}" for t in range(len(next(iter(method_runs.values()))[0].R)) for d in DOMAINS]
     return text_table(["method", "λ", *after, "final ppl " + "/".join(DOMAINS), f"{DOMAINS[0]} forgetting",
                        "train s", "importance s", "penalty s"], rows)
@@ -106,7 +109,7 @@ def print_tables(runs: Sequence[RunResult], seeds: Sequence[int]) -> None:
 
 
 def results_document(config: Config, runs: Sequence[RunResult], *, source: str, device: str,
-                     backend: str, seconds: float, text_config: Optional[Any] = None) -> dict[str, Any]:
+                     backend: str, seconds: float, text_config: Optional["TextConfig"] = None) -> dict[str, Any]:
     """Everything needed to redo the tables and plots: config, machine, every run, summaries.
 
     Text runs (`metric` "loss") hold losses in R and `seen_task_loss` curves."""
