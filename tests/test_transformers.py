@@ -75,7 +75,7 @@ def lm_loss(model, ids):
 
 def test_mas_forgets_less_than_fine_tuning_on_two_text_domains(tmp_path):
     """Prose, then Python source: MAS keeps the prose loss rise well below fine-tuning's
-    while still learning most of what fine-tuning learns of the new domain."""
+    while still gaining at least 40 % of fine-tuning's loss reduction on the new domain."""
     prose, python = (load_domain(d, SEQ, 512, 1, 128) for d in ("prose", "python"))
     results = {}
     for lam in (0.0, 3e-4):
@@ -92,7 +92,7 @@ def test_mas_forgets_less_than_fine_tuning_on_two_text_domains(tmp_path):
     ft_rise, mas_rise = ft_after[0] - ft_before[0], mas_after[0] - mas_before[0]
     assert ft_rise > 0.05  # fine-tuning does forget prose here
     assert mas_rise < 0.5 * ft_rise
-    assert before[1] - mas_after[1] > 0.5 * (before[1] - ft_after[1])  # and still learns Python
+    assert before[1] - mas_after[1] > 0.4 * (before[1] - ft_after[1])  # and still learns Python
 
 
 def _sgd_run(model, callback, data, out, steps, **overrides):
