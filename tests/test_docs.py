@@ -13,11 +13,6 @@ README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 PAGES = [README, *sorted(DOCS.glob("*.md"))]
 
-# Pages the README already links that arrive with other branches of this merge. A link to one
-# of them may dangle until it exists; test_pending_pages_are_still_missing fails as soon as it
-# does, so the entry gets removed and its links are checked like every other.
-PENDING_PAGES = {"docs/huggingface.md"}
-
 _FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 _INLINE_CODE = re.compile(r"`[^`\n]*`")
 _LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
@@ -73,8 +68,7 @@ def test_every_relative_link_resolves_inside_the_repository(page):
             continue
         name = _relative(resolved)
         if not resolved.exists():
-            if name not in PENDING_PAGES:
-                problems.append(f"{target}: no such file")
+            problems.append(f"{target}: no such file")
             continue
         if anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
             problems.append(f"{target}: no heading #{anchor} in {name}")
@@ -87,11 +81,6 @@ def test_readme_links_every_docs_page():
     linked = {_relative(t) for t in targets if t.is_relative_to(ROOT)}
     unlinked = [_relative(p) for p in DOCS.glob("*.md") if _relative(p) not in linked]
     assert not unlinked, f"docs pages the README does not link: {unlinked}"
-
-
-def test_pending_pages_are_still_missing():
-    arrived = sorted(name for name in PENDING_PAGES if (ROOT / name).exists())
-    assert not arrived, f"{arrived} exist now: remove them from PENDING_PAGES in tests/test_docs.py"
 
 
 @pytest.mark.parametrize("text, links", [

@@ -1,4 +1,4 @@
-"""Continual-learning evaluation: MNIST scenarios, methods (MAS modes, online EWC), metrics, plots.
+"""Continual-learning evaluation: MNIST and text scenarios, methods (MAS modes, online EWC), metrics, plots.
 
 `python -m mas_fast demo` drives it (mas_fast/demo.py); the pieces are usable on their own:
 

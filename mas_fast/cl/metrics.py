@@ -57,9 +57,29 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+def final_loss(R: Matrix) -> float:
+    """(1/T) Σ_j R[T-1][j] for a loss matrix: mean loss over all tasks after the last one."""
+    return average_accuracy(R)
+
+
+def loss_forgetting(R: Matrix) -> float:
+    """For a loss matrix: 1/(T-1) Σ_{j<T-1} (R[T-1][j] − min_{j<=l<T-1} R[l][j]), the rise of
+    each earlier task's loss above its best since it was learned (0 for T = 1)."""
+    a = _square(R)
+    T = a.shape[0]
+    if T == 1:
+        return 0.0
+    best = np.array([a[j:T - 1, j].min() for j in range(T - 1)])
+    return float(np.mean(a[-1, :-1] - best))
+
+
 METRICS = {"acc": average_accuracy, "bwt": backward_transfer, "forgetting": forgetting}
+LOSS_METRICS = {"final_loss": final_loss, "forgetting": loss_forgetting}
 
 
-def summarise(R: Matrix) -> dict[str, float]:
-    """ACC, BWT and forgetting of one run."""
-    return {name: fn(R) for name, fn in METRICS.items()}
+def summarise(R: Matrix, metric: str = "accuracy") -> dict[str, float]:
+    """ACC, BWT and forgetting of one run; for a loss matrix (metric "loss"), the final mean
+    loss and the forgetting (loss rise) of the earlier tasks."""
+    if metric not in ("accuracy", "loss"):
+        raise ValueError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
+    return {name: fn(R) for name, fn in (METRICS if metric == "accuracy" else LOSS_METRICS).items()}

@@ -8,9 +8,12 @@ import numpy as np
 import torch
 
 from .metrics import seen_task_accuracy
-from .report import group
-from .scenarios import TITLES
+from .report import TITLES, group
 from .train import RunResult
+
+# What R holds → (scale, label of R, label of the seen-task curve); losses use the data's range.
+STYLES = {"accuracy": (100.0, "accuracy (%)", "mean accuracy on seen tasks (%)"),
+          "loss": (1.0, "test loss (nats/byte)", "mean test loss on seen tasks (nats/byte)")}
 
 
 def pyplot():
@@ -27,33 +30,39 @@ def accuracy_matrices(runs: Sequence[RunResult], scenario: str, path: str) -> No
     """One heatmap per method of R averaged over seeds (row: after task i, column: task j)."""
     plt = pyplot()
     method_runs = group(runs)[scenario]
+    metric = next(iter(method_runs.values()))[0].metric
+    scale, label, _ = STYLES[metric]
+    means = {method: scale * np.mean([r.R for r in rs], axis=0) for method, rs in method_runs.items()}
+    low, high = (0.0, 100.0) if metric == "accuracy" else (min(R.min() for R in means.values()),
+                                                           max(R.max() for R in means.values()))
     fig, axes = plt.subplots(1, len(method_runs), figsize=(3.2 * len(method_runs), 3.8), squeeze=False)
-    for ax, (method, rs) in zip(axes[0], method_runs.items()):
-        R = 100 * np.mean([r.R for r in rs], axis=0)
-        ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
+    for ax, (method, R) in zip(axes[0], means.items()):
+        ax.imshow(R, vmin=low, vmax=high, cmap="viridis" if metric == "accuracy" else "viridis_r")
         for (i, j), v in np.ndenumerate(R):
-            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if v < 60 else "black")
+            dark = (v - low) < 0.6 * (high - low) if metric == "accuracy" else (v - low) > 0.4 * (high - low)
+            ax.text(j, i, f"{v:.0f}" if metric == "accuracy" else f"{v:.2f}", ha="center", va="center",
+                    fontsize=7, color="white" if dark else "black")
         T = R.shape[0]
         ax.set_xticks(range(T), [str(j + 1) for j in range(T)])
         ax.set_yticks(range(T), [str(i + 1) for i in range(T)])
         ax.set_title(method, fontsize=9)
         ax.set_xlabel("evaluated on task")
     axes[0][0].set_ylabel("after training task")
-    fig.suptitle(f"{TITLES[scenario]}: accuracy (%) R[i][j], mean over seeds", fontsize=10)
+    fig.suptitle(f"{TITLES[scenario]}: {label} R[i][j], mean over seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
 def accuracy_curves(runs: Sequence[RunResult], path: str) -> None:
-    """Per scenario: mean accuracy over the tasks seen so far, after each task (mean ± std)."""
+    """Per scenario: mean accuracy (text: loss) over the tasks seen so far, after each task (mean ± std)."""
     plt = pyplot()
     grouped = group(runs)
     fig, axes = plt.subplots(1, len(grouped), figsize=(5 * len(grouped), 3.8), squeeze=False)
     for ax, (scenario, method_runs) in zip(axes[0], grouped.items()):
+        scale, _, ylabel = STYLES[next(iter(method_runs.values()))[0].metric]
         for method, rs in method_runs.items():
-            curves = 100 * np.array([seen_task_accuracy(r.R) for r in rs])
+            curves = scale * np.array([seen_task_accuracy(r.R) for r in rs])
             x = np.arange(1, curves.shape[1] + 1)
             mean, std = curves.mean(0), curves.std(0)
             ax.plot(x, mean, marker="o", markersize=3, label=method)
@@ -61,7 +70,7 @@ def accuracy_curves(runs: Sequence[RunResult], path: str) -> None:
         ax.set_title(TITLES[scenario], fontsize=10)
         ax.set_xlabel("tasks trained")
         ax.set_xticks(x)
-        ax.set_ylabel("mean accuracy on seen tasks (%)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="lower left")
     fig.tight_layout()

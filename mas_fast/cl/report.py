@@ -3,15 +3,23 @@ from __future__ import annotations
 
 import datetime
 import json
-from typing import Any, Sequence
+import math
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
 from ..machine import cpu_name, device_name
 from .config import Config
 from .metrics import mean_std, seen_task_accuracy, summarise
-from .scenarios import TITLES
+from .scenarios import TITLES as VISION_TITLES
+from .text_data import DOMAINS, TEXT_SCENARIO, TEXT_TITLE
 from .train import RunResult
+
+if TYPE_CHECKING:
+    from .text import TextConfig
+
+TITLES = {**VISION_TITLES, TEXT_SCENARIO: TEXT_TITLE}
 
 TIMES = ("train_s", "importance_s", "penalty_s")
 
@@ -45,7 +53,7 @@ def summary(runs: Sequence[RunResult]) -> dict[str, dict[str, float]]:
     """Mean and std over seeds of ACC, BWT, forgetting and the three times."""
     values: dict[str, list[float]] = {}
     for r in runs:
-        for k, v in {**summarise(r.R), **{t: getattr(r, t) for t in TIMES}}.items():
+        for k, v in {**summarise(r.R, r.metric), **{t: getattr(r, t) for t in TIMES}}.items():
             values.setdefault(k, []).append(v)
     return {k: dict(zip(("mean", "std"), mean_std(v))) for k, v in values.items()}
 
@@ -66,29 +74,60 @@ def scenario_table(method_runs: dict[str, list[RunResult]]) -> str:
                        "penalty s"], rows)
 
 
+def loss_table(method_runs: dict[str, list[RunResult]]) -> str:
+    """Text runs, one row per method: each domain's test loss (nats/byte) after each task,
+    the final perplexities, the first domain's forgetting (loss rise), mean seconds; mean ±
+    std over seeds."""
+    rows = []
+    for method, runs in method_runs.items():
+        s = summary(runs)
+        cells = []
+        for t in range(len(runs[0].R)):
+            for j in range(len(DOMAINS)):
+                m, sd = mean_std([r.R[t][j] for r in runs])
+                cells.append(f"{m:.3f} ± {sd:.3f}")
+        ppl = [f"{mean_std([math.exp(r.R[-1][j]) for r in runs])[0]:.2f}" for j in range(len(DOMAINS))]
+        lam = f"{runs[0].lambda_:g}" if runs[0].lambda_ else "-"
+        forgetting = f"{s['forgetting']['mean']:+.3f} ± {s['forgetting']['std']:.3f}"
+        rows.append([method, lam, *cells, " / ".join(ppl), forgetting, *(f"{s[t]['mean']:.2f}" for t in TIMES)])
+    after = [f"{d} after {t + 1}" for t in range(len(next(iter(method_runs.values()))[0].R)) for d in DOMAINS]
+    return text_table(["method", "λ", *after, "final ppl " + "/".join(DOMAINS), f"{DOMAINS[0]} forgetting",
+                       "train s", "importance s", "penalty s"], rows)
+
+
 def print_tables(runs: Sequence[RunResult], seeds: Sequence[int]) -> None:
     for scenario, method_runs in group(runs).items():
-        tasks = len(next(iter(method_runs.values()))[0].R)
-        print(f"\n{TITLES[scenario]}: {tasks} tasks, seeds {' '.join(map(str, seeds))}, test digits")
-        print(scenario_table(method_runs))
+        first = next(iter(method_runs.values()))  # the first method's runs, one per seed
+        tasks = len(first[0].R)
+        if first[0].metric == "loss":
+            print(f"\n{TITLES[scenario]}: {tasks} tasks, seeds {' '.join(str(r.seed) for r in first)}, "
+                  "test windows, loss in nats/byte")
+            print(loss_table(method_runs))
+        else:
+            print(f"\n{TITLES[scenario]}: {tasks} tasks, seeds {' '.join(map(str, seeds))}, test digits")
+            print(scenario_table(method_runs))
 
 
 def results_document(config: Config, runs: Sequence[RunResult], *, source: str, device: str,
-                     backend: str, seconds: float) -> dict[str, Any]:
-    """Everything needed to redo the tables and plots: config, machine, every run, summaries."""
+                     backend: str, seconds: float, text_config: Optional["TextConfig"] = None) -> dict[str, Any]:
+    """Everything needed to redo the tables and plots: config, machine, every run, summaries.
+
+    Text runs (`metric` "loss") hold losses in R and `seen_task_loss` curves."""
     scenarios = {}
     for scenario, method_runs in group(runs).items():
         scenarios[scenario] = {
             method: {
                 "lambda": rs[0].lambda_,
                 "summary": summary(rs),
-                "runs": [{"seed": r.seed, "R": r.R, **summarise(r.R), "seen_task_accuracy": seen_task_accuracy(r.R),
+                "runs": [{"seed": r.seed, "R": r.R, **summarise(r.R, r.metric),
+                          f"seen_task_{r.metric}": seen_task_accuracy(r.R),
                           **{t: getattr(r, t) for t in TIMES}} for r in rs],
             } for method, rs in method_runs.items()
         }
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "config": {k: v for k, v in vars(config).items() if k != "lambdas"},
+        **({"text_config": {**asdict(text_config), "domains": list(DOMAINS)}} if text_config is not None else {}),
         "data": source, "device": device, "machine": machine(), "backend": backend,
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__, "total_seconds": seconds, "scenarios": scenarios,

@@ -54,6 +54,7 @@ class RunResult:
     importance_s: float
     penalty_s: float
     importance: dict[str, Tensor] = field(default_factory=dict, repr=False)  # final Ω / Fisher, on CPU
+    metric: str = "accuracy"  # what R holds: "accuracy" (higher is better) or "loss" (text, nats/byte)
 
 
 def mlp(hidden: Sequence[int], outputs: int) -> nn.Sequential:
