@@ -42,7 +42,9 @@ def _rule_failure(s: Site, backend: str) -> str | None:
         signed = _rule_values(s, backend, signed=True)
     except RuntimeError as e:
         return f"its rule cannot process the captured tensors ({e})"
-    rtol = tolerance([p.dtype for p in own.values()] + [s.x.dtype if isinstance(s.x, Tensor) else torch.float32])
+    outputs = s.y if isinstance(s.y, tuple) else (s.y,)  # autocast may have lowered Y's precision
+    rtol = tolerance([p.dtype for p in own.values()] + [s.x.dtype if isinstance(s.x, Tensor) else torch.float32]
+                     + [t.dtype for t in outputs if isinstance(t, Tensor)])
     for (attr, p), g in zip(own.items(), grads):
         why = mismatch(signed.get(attr), g, rtol)
         if why is not None:
