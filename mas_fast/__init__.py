@@ -5,6 +5,7 @@
     mas.consolidate(loader)                 # after a task: Ω from unlabeled data, θ* snapshot
     loss = task_loss + mas.penalty()        # while learning the next task
 """
+from .distributed import RankFailedError
 from .importance import MODES, NonFiniteError
 from .ops import BACKENDS, BackendUnavailable, backend_status
 from .regularizer import MAS
@@ -12,5 +13,5 @@ from . import optim
 
 __version__ = "0.1.0"
 
-__all__ = ["MAS", "optim", "MODES", "BACKENDS", "BackendUnavailable", "NonFiniteError", "backend_status",
-           "__version__"]
+__all__ = ["MAS", "optim", "MODES", "BACKENDS", "BackendUnavailable", "NonFiniteError", "RankFailedError",
+           "backend_status", "__version__"]
