@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from . import ops
 from .importance import MODES, ImportanceState, batch_importance
-from . import distributed
+from . import distributed, sharding
 from .ops.policy import acc_dtype
 
 Tensor = torch.Tensor
@@ -90,6 +90,7 @@ def _corrupt_values(state: Mapping[str, Any]) -> list[str]:
                 if isinstance(state[k], bool) or not isinstance(state[k], int) or state[k] < 0]
     for group in STATE_GROUPS:
         for n, t in state[group].items():
+            t = sharding.local(t)  # a DTensor: this rank checks its shard (no collective)
             if not bool(torch.isfinite(t).all()):
                 problems.append(f"{group}[{n}] is not finite")
             elif group in ("omega", "task_mean") and bool((t < 0).any()):
@@ -253,7 +254,7 @@ class MAS:
             raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
-        distributed.check_unsharded(model)
+        sharding.check_supported(model)
         self.model = unwrap(model)
         self.sync = sync
         self.verify = verify
@@ -272,7 +273,7 @@ class MAS:
     # ------------------------------------------------------------------ importance
 
     def _trainable(self) -> dict[str, Tensor]:
-        distributed.check_unsharded(self.model)
+        sharding.check_supported(self.model)
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _accumulate_into(self, task: _TaskImportance, x: Any, engine: Optional[ImportanceState] = None) -> int:
@@ -285,7 +286,9 @@ class MAS:
         if reshaped:
             raise ValueError("parameters changed shape during the task: " + "; ".join(reshaped))
         engine = engine if engine is not None else self._engine
-        sums, n = batch_importance(self.model, x, params, self.mode, self.output_fn, self.backend,
+        # Under FSDP2 the caller holds the model unsharded: the pass sees plain full parameters.
+        full = {n: p for n, p in self.model.named_parameters() if n in params}
+        sums, n = batch_importance(self.model, x, full, self.mode, self.output_fn, self.backend,
                                    verify=self.verify, state=engine)
         task.add(sums, n, self.backend)
         return n
@@ -295,9 +298,10 @@ class MAS:
         """Add one unlabeled batch to the current task's running Ω; returns its sample count.
 
         Usable at any time (e.g. on unlabeled test-time data): streaming batches of any
-        sizes gives the same Ω as one pass over their union.
+        sizes gives the same Ω as one pass over their union. On an FSDP2 model it is a
+        collective (it gathers the parameters): every rank calls it, each with its own batch.
         """
-        with _exclusive_pass(self.model):
+        with _exclusive_pass(self.model), sharding.unsharded(self.model):
             return self._accumulate_into(self._task, x)
 
     @_normal_tensors
@@ -330,7 +334,8 @@ class MAS:
                              "nothing to consolidate: call accumulate(x) or pass a loader first")
         named = dict(self.model.named_parameters())
         self._check_model_holds(task_mean, named)
-        omega = self._merged(task_mean)
+        # FSDP2: every rank holds the whole mean; it keeps its shard (parameters' sharding).
+        omega = self._merged({n: sharding.shard_like(t, named[n]) for n, t in task_mean.items()})
         theta_star = {n: named[n].detach().to(acc_dtype(named[n].dtype), copy=True) for n in omega}
         self._omega, self._theta_star = omega, theta_star
         self._task = _TaskImportance()
@@ -349,7 +354,7 @@ class MAS:
         _check_loader(loader)
         task = self._task.copy() if self._task.count else _TaskImportance()
         engine.new_pass()
-        with _exclusive_pass(self.model):
+        with _exclusive_pass(self.model), sharding.unsharded(self.model):  # one all-gather per pass
             for batch in tqdm(loader, desc="MAS importance", disable=not progress, leave=False):
                 self._accumulate_into(task, batch_input(batch), engine)
         return task
@@ -385,9 +390,10 @@ class MAS:
         for n, t in task_omega.items():
             merged.setdefault(n, torch.zeros_like(t))
         untouched = [n for n in merged if n not in task_omega]
-        ops.merge_([merged[n] for n in task_omega], list(task_omega.values()), a, b, backend=self.backend)
+        ops.merge_(sharding.locals_of([merged[n] for n in task_omega]), sharding.locals_of(task_omega.values()),
+                   a, b, backend=self.backend)
         if untouched and a != 1.0:  # absent from this task: Ω_task = 0 there
-            torch._foreach_mul_([merged[n] for n in untouched], a)
+            torch._foreach_mul_(sharding.locals_of([merged[n] for n in untouched]), a)
         return merged
 
     @_normal_tensors
@@ -408,7 +414,7 @@ class MAS:
             return dict(self._engine.coverage)
         engine = self._engine.copy()
         engine.new_pass()
-        with _exclusive_pass(self.model):
+        with _exclusive_pass(self.model), sharding.unsharded(self.model):
             self._accumulate_into(_TaskImportance(), x, engine)
         return dict(engine.coverage)
 
@@ -445,7 +451,17 @@ class MAS:
         if not self._omega:
             return self._zero()
         params, theta_star, omega = self._aligned()
-        return ops.penalty(params, theta_star, omega, self.lambda_, backend=self.backend)
+        sharded, plain = sharding.split_by_sharding(range(len(params)), params)
+        if not sharded:
+            return ops.penalty(params, theta_star, omega, self.lambda_, backend=self.backend)
+        # FSDP2: each rank's shards, summed over ranks; each shard's gradient reaches it once.
+        value = sharding.sum_over_ranks(ops.penalty(
+            *(sharding.locals_of([ts[i] for i in sharded]) for ts in (params, theta_star, omega)),
+            self.lambda_, backend=self.backend))
+        if plain:  # parameters outside fully_shard: replicated, counted once
+            value = value + ops.penalty(*([ts[i] for i in plain] for ts in (params, theta_star, omega)),
+                                        self.lambda_, backend=self.backend)
+        return value
 
     def add_penalty_grad_(self) -> Tensor:
         """After `loss.backward()`: p.grad += 2λΩ(θ − θ*); returns the penalty value.
@@ -463,9 +479,18 @@ class MAS:
         for i in keep:
             if params[i].grad is None:
                 params[i].grad = torch.zeros_like(params[i])
-        params = [params[i] for i in keep]
-        return ops.penalty_and_grad_(params, [p.grad for p in params], [theta_star[i] for i in keep],
-                                     [omega[i] for i in keep], self.lambda_, backend=self.backend)
+        sharded, plain = sharding.split_by_sharding(keep, params)
+
+        def penalty_and_grad_(index: list[int]) -> Tensor:
+            return ops.penalty_and_grad_(*(sharding.locals_of(ts) for ts in (
+                [params[i] for i in index], [params[i].grad for i in index], [theta_star[i] for i in index],
+                [omega[i] for i in index])), self.lambda_, backend=self.backend)
+
+        if not sharded:
+            return penalty_and_grad_(plain)
+        with torch.no_grad():  # FSDP2: each rank's shards, summed over ranks
+            value = sharding.sum_over_ranks(penalty_and_grad_(sharded))
+        return value + penalty_and_grad_(plain) if plain else value
 
     # ------------------------------------------------------------------ views and state
 
@@ -509,21 +534,83 @@ class MAS:
         """Samples accumulated in the current task so far."""
         return self._task.count
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, full_state_dict: bool = False) -> dict[str, Any]:
         """A snapshot in tensors and plain types: loads with `torch.load(..., weights_only=True)`.
 
         Later `accumulate()` / `consolidate()` calls do not change it: its tensors are shared
         with the MAS until the MAS next updates them, and then the MAS updates copies (no copy
         is made for a snapshot that is only saved). Do not modify its tensors in place.
+
+        On an FSDP2 model Ω and θ* are DTensors sharded like their parameters: save them with
+        `torch.distributed.checkpoint` (see `state_dict_template` to load). `full_state_dict=True`
+        gathers them into whole tensors instead (a collective: every rank must call it), like
+        torch's `get_state_dict(..., StateDictOptions(full_state_dict=True))`.
         """
+        if not isinstance(full_state_dict, bool):
+            raise TypeError(f"full_state_dict must be a bool, got {type(full_state_dict).__name__}")
+        # FSDP2: a rank-local running task would not survive a change of world size; the union does.
+        task = self._union_task() if self._shared_task() else self._task
         self._task.exported = True
+        whole = sharding.full if full_state_dict else (lambda t: t)
         return {
             "format": STATE_FORMAT, "mode": self.mode, "lambda_": self.lambda_, "merge": self.merge,
             "alpha": self.alpha, "num_tasks": self.num_tasks,
-            "omega": dict(self._omega), "theta_star": dict(self._theta_star),
-            "task_count": self._task.count, "task_mean": dict(self._task.mean),
-            "task_compensation": dict(self._task.compensation),
+            "omega": {n: whole(t) for n, t in self._omega.items()},
+            "theta_star": {n: whole(t) for n, t in self._theta_star.items()},
+            "task_count": task.count, "task_mean": dict(task.mean), "task_compensation": dict(task.compensation),
         }
+
+    def _shared_task(self) -> bool:
+        """True when the running task is kept as one union across ranks in state_dicts: an
+        FSDP2 model under a process group with more than one rank, and sync=True."""
+        return self.sync and distributed.active() and \
+            any(sharding.is_sharded(p) for p in self.model.parameters())
+
+    def _union_task(self) -> _TaskImportance:
+        """Collective: the running task of every rank's samples together (the mean
+        `consolidate()` would reduce), the same on every rank."""
+        named = dict(self.model.named_parameters())
+        covered = self._task.mean if self._task.count else self._trainable()
+        mean, count = distributed.union_mean(lambda: distributed.contribution(
+            {"consolidated tasks": self.num_tasks}, self._task.mean, self._task.compensation, self._task.count,
+            {n: named[n] for n in named if n in covered}))
+        union = _TaskImportance()
+        if count:
+            union.mean, union.compensation = mean, {n: torch.zeros_like(t) for n, t in mean.items()}
+            union.count = count
+        return union
+
+    def state_dict_template(self, stored_keys: Iterable[str], prefix: str = "") -> dict[str, Any]:
+        """A `state_dict()`-shaped target for `torch.distributed.checkpoint.load`: zero tensors,
+        Ω and θ* sharded like this model's parameters, for the entries a checkpoint holds.
+
+        `stored_keys`: the checkpoint's flattened keys, e.g.
+        `FileSystemReader(path).read_metadata().state_dict_metadata`; `prefix`: where the MAS
+        state sits in the saved dict (`"mas."` for `{"mas": mas.state_dict()}`). Load into it,
+        then pass it to `load_state_dict`: the checkpoint may come from any world size.
+        """
+        stored = set(stored_keys)
+        template = {k: v for k, v in self.state_dict().items() if k not in STATE_GROUPS}
+        template["task_count"] = 0
+        for group in STATE_GROUPS:
+            template[group] = {}
+            for n, p in self.model.named_parameters():
+                if f"{prefix}{group}.{n}" in stored:
+                    zeros = torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device)
+                    template[group][n] = sharding.shard_like(zeros, p) if group in ("omega", "theta_star") \
+                        else zeros
+        return template
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of MAS state this rank holds: consolidated Ω ("omega"), θ* ("theta_star"), the
+        running task's mean and compensation ("task"), and their "total". On an FSDP2 model Ω
+        and θ* count this rank's shards only."""
+        held = sharding.state_bytes({"omega": self._omega, "theta_star": self._theta_star,
+                                     "task_mean": self._task.mean, "task_compensation": self._task.compensation})
+        out = {"omega": held["omega"], "theta_star": held["theta_star"],
+               "task": held["task_mean"] + held["task_compensation"]}
+        out["total"] = sum(out.values())
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state (configuration included, like torch.optim); the model must match.
@@ -564,12 +651,16 @@ class MAS:
             raise ValueError("corrupt MAS state: " + "; ".join(corrupt))
 
         def place(group: str) -> dict[str, Tensor]:
-            return {n: t.detach().to(device=named[n].device, dtype=acc_dtype(named[n].dtype), copy=True)
+            # Ω and θ* take their parameter's sharding; the running task is whole on every rank.
+            follow = sharding.like if group in ("omega", "theta_star") else lambda t, p: sharding.full(t)
+            return {n: follow(t.detach(), named[n]).to(device=named[n].device, dtype=acc_dtype(named[n].dtype),
+                                                       copy=True)
                     for n, t in state[group].items()}
 
         task = _TaskImportance()
-        task.mean, task.compensation = place("task_mean"), place("task_compensation")
-        task.count = int(state["task_count"])
+        if not (self._shared_task() and torch.distributed.get_rank() != 0):  # the union: on rank 0 only
+            task.mean, task.compensation = place("task_mean"), place("task_compensation")
+            task.count = int(state["task_count"])
         self._omega, self._theta_star, self._task = place("omega"), place("theta_star"), task
         self.mode, self.lambda_, self.merge = state["mode"], float(state["lambda_"]), state["merge"]
         self.alpha, self.num_tasks = float(state["alpha"]), int(state["num_tasks"])
