@@ -439,6 +439,9 @@ class MAS:
             if (o.device, o.dtype) != (place["device"], place["dtype"]):
                 self._omega[n] = o.to(**place)
                 self._theta_star[n] = self._theta_star[n].to(**place)
+            if sharding.is_sharded(named[n]) != sharding.is_sharded(o):  # sharded after consolidation
+                self._omega[n] = sharding.like(self._omega[n], named[n])
+                self._theta_star[n] = sharding.like(self._theta_star[n], named[n])
         names = list(self._omega)
         return [named[n] for n in names], [self._theta_star[n] for n in names], [self._omega[n] for n in names]
 
