@@ -48,7 +48,7 @@ class _MASOptimizer(torch.optim.Optimizer):
             raise TypeError(f"regularizer must be a mas_fast.MAS or None, got {type(regularizer).__name__}")
         self.regularizer = regularizer
         self.backend = ops.check_backend(backend if backend is not None else
-                                         regularizer.backend if regularizer is not None else "auto")
+                                         regularizer.penalty_backend if regularizer is not None else "auto")
         super().__init__(params, defaults)
         # Updated in place, so that a torch.compile'd step() updates it too; on the parameters'
         # device, so that recording it never waits for the GPU.

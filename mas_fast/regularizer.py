@@ -2,7 +2,8 @@
 
 State (all per parameter name, float32 — float64 for float64 parameters):
 - the running mean Ω of the current task (Kahan-compensated) and its sample count;
-- the consolidated Ω of all past tasks and θ*, the parameters at the last consolidation.
+- the consolidated Ω of all past tasks and θ*, the parameters at the last consolidation
+  (with `state_dtype=torch.bfloat16`: Ω in bfloat16, θ* in the parameter's dtype).
 Every public method validates first and mutates last, so a failure leaves the state as it was.
 """
 from __future__ import annotations
@@ -66,6 +67,18 @@ def _check_config(lambda_: float, mode: str, merge: str, alpha: float) -> None:
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     check_alpha(alpha)
+
+
+STATE_DTYPES = (None, torch.bfloat16)
+
+
+def _check_state_dtype(state_dtype: Optional[torch.dtype], backend: str) -> None:
+    """ValueError unless `state_dtype` is a supported lean setting that `backend` can run."""
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype!r}")
+    if state_dtype is not None and backend not in ("auto", "reference"):
+        raise ValueError(f"state_dtype={state_dtype} runs on the reference backend only (the kernels take "
+                         f"float32 state); got backend={backend!r}: use 'auto' or 'reference'")
 
 
 def _check_usable(backend: str) -> str:
@@ -228,11 +241,17 @@ class MAS:
             the ranks first check that they agree (see `consolidate`). False keeps importance
             rank-local and communicates nothing. Sharded parameters (FSDP, DTensor) raise a
             TypeError (see mas_fast.distributed).
+        state_dtype: None keeps consolidated Ω and θ* in float32 (float64 for float64
+            parameters). torch.bfloat16 is the lean setting: Ω in bfloat16 and θ* in the
+            parameter's own dtype (2 + 2 bytes per bf16 parameter instead of 8); the running
+            task still accumulates in float32 with its compensation. The C++/CUDA kernels take
+            float32 state only: "auto" runs the penalty and fused steps on the reference.
 
     Importance passes run in eval mode (each module's mode restored), never touch
     `p.grad` and cover the parameters with `requires_grad=True`. Parameters added later
     (a new head) have zero importance. Ω and θ* are float32 (float64 for float64
-    parameters) and follow the model's device and dtype.
+    parameters; see `state_dtype`) and follow the model's device and dtype. On an FSDP2
+    model they are DTensors sharded like their parameters (see mas_fast.sharding).
 
     The model may be wrapped in DistributedDataParallel, DataParallel or `torch.compile`:
     MAS works on the module inside, and state names carry no wrapper prefix. A MAS is not
@@ -244,7 +263,7 @@ class MAS:
     def __init__(self, model: nn.Module, lambda_: float = 1.0, mode: str = "per_sample",
                  merge: str = "sum", alpha: float = 0.5,
                  output_fn: Optional[Callable[[Any], Tensor]] = None, backend: str = "auto",
-                 sync: bool = True, verify: bool = True) -> None:
+                 sync: bool = True, verify: bool = True, state_dtype: Optional[torch.dtype] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _check_config(lambda_, mode, merge, alpha)
@@ -254,7 +273,9 @@ class MAS:
             raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
+        _check_state_dtype(state_dtype, backend)
         sharding.check_supported(model)
+        self.state_dtype = state_dtype
         self.model = unwrap(model)
         self.sync = sync
         self.verify = verify
@@ -269,6 +290,12 @@ class MAS:
         self._omega: dict[str, Tensor] = {}
         self._theta_star: dict[str, Tensor] = {}
         self._task = _TaskImportance()
+
+    def _omega_dtype(self, param: Tensor) -> torch.dtype:
+        return self.state_dtype if self.state_dtype is not None else acc_dtype(param.dtype)
+
+    def _theta_dtype(self, param: Tensor) -> torch.dtype:
+        return param.dtype if self.state_dtype is not None else acc_dtype(param.dtype)
 
     # ------------------------------------------------------------------ importance
 
@@ -336,7 +363,8 @@ class MAS:
         self._check_model_holds(task_mean, named)
         # FSDP2: every rank holds the whole mean; it keeps its shard (parameters' sharding).
         omega = self._merged({n: sharding.shard_like(t, named[n]) for n, t in task_mean.items()})
-        theta_star = {n: named[n].detach().to(acc_dtype(named[n].dtype), copy=True) for n in omega}
+        omega = {n: o.to(self._omega_dtype(named[n])) for n, o in omega.items()}  # merged in fp32
+        theta_star = {n: named[n].detach().to(self._theta_dtype(named[n]), copy=True) for n in omega}
         self._omega, self._theta_star = omega, theta_star
         self._task = _TaskImportance()
         self._engine = engine
@@ -386,7 +414,8 @@ class MAS:
         if not self._omega:
             return {n: t.clone() for n, t in task_omega.items()}
         a, b = (1.0, 1.0) if self.merge == "sum" else (self.alpha, 1.0 - self.alpha)
-        merged = {n: t.clone() for n, t in self._omega.items()}
+        merged = {n: t.to(task_omega[n].dtype if n in task_omega else acc_dtype(t.dtype), copy=True)
+                  for n, t in self._omega.items()}  # lean Ω merges in float32
         for n, t in task_omega.items():
             merged.setdefault(n, torch.zeros_like(t))
         untouched = [n for n in merged if n not in task_omega]
@@ -435,10 +464,10 @@ class MAS:
         if problems:
             raise ValueError("the model does not match the consolidated MAS state: " + "; ".join(problems))
         for n, o in self._omega.items():  # follow the model to a new device or dtype
-            place = dict(device=named[n].device, dtype=acc_dtype(named[n].dtype))
-            if (o.device, o.dtype) != (place["device"], place["dtype"]):
-                self._omega[n] = o.to(**place)
-                self._theta_star[n] = self._theta_star[n].to(**place)
+            p = named[n]
+            if (o.device, o.dtype, self._theta_star[n].dtype) != (p.device, self._omega_dtype(p), self._theta_dtype(p)):
+                self._omega[n] = o.to(device=p.device, dtype=self._omega_dtype(p))
+                self._theta_star[n] = self._theta_star[n].to(device=p.device, dtype=self._theta_dtype(p))
             if sharding.is_sharded(named[n]) != sharding.is_sharded(o):  # sharded after consolidation
                 self._omega[n] = sharding.like(self._omega[n], named[n])
                 self._theta_star[n] = sharding.like(self._theta_star[n], named[n])
@@ -449,6 +478,12 @@ class MAS:
         p = next(self.model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None)
 
+    @property
+    def penalty_backend(self) -> str:
+        """The backend of the penalty and of the fused optimizer steps: `backend`, or
+        "reference" with lean state (the C++/CUDA kernels take float32 Ω and θ* only)."""
+        return "reference" if self.state_dtype is not None else self.backend
+
     def penalty(self) -> Tensor:
         """λ Σ Ω (θ − θ*)² as a differentiable scalar (0 before the first consolidate)."""
         if not self._omega:
@@ -456,14 +491,14 @@ class MAS:
         params, theta_star, omega = self._aligned()
         sharded, plain = sharding.split_by_sharding(range(len(params)), params)
         if not sharded:
-            return ops.penalty(params, theta_star, omega, self.lambda_, backend=self.backend)
+            return ops.penalty(params, theta_star, omega, self.lambda_, backend=self.penalty_backend)
         # FSDP2: each rank's shards, summed over ranks; each shard's gradient reaches it once.
         value = sharding.sum_over_ranks(ops.penalty(
             *(sharding.locals_of([ts[i] for i in sharded]) for ts in (params, theta_star, omega)),
-            self.lambda_, backend=self.backend))
+            self.lambda_, backend=self.penalty_backend))
         if plain:  # parameters outside fully_shard: replicated, counted once
             value = value + ops.penalty(*([ts[i] for i in plain] for ts in (params, theta_star, omega)),
-                                        self.lambda_, backend=self.backend)
+                                        self.lambda_, backend=self.penalty_backend)
         return value
 
     def add_penalty_grad_(self) -> Tensor:
@@ -487,7 +522,7 @@ class MAS:
         def penalty_and_grad_(index: list[int]) -> Tensor:
             return ops.penalty_and_grad_(*(sharding.locals_of(ts) for ts in (
                 [params[i] for i in index], [params[i].grad for i in index], [theta_star[i] for i in index],
-                [omega[i] for i in index])), self.lambda_, backend=self.backend)
+                [omega[i] for i in index])), self.lambda_, backend=self.penalty_backend)
 
         if not sharded:
             return penalty_and_grad_(plain)
@@ -599,7 +634,9 @@ class MAS:
             template[group] = {}
             for n, p in self.model.named_parameters():
                 if f"{prefix}{group}.{n}" in stored:
-                    zeros = torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device)
+                    dtype = {"omega": self._omega_dtype(p), "theta_star": self._theta_dtype(p)}.get(
+                        group, acc_dtype(p.dtype))
+                    zeros = torch.zeros(p.shape, dtype=dtype, device=p.device)
                     template[group][n] = sharding.shard_like(zeros, p) if group in ("omega", "theta_star") \
                         else zeros
         return template
@@ -656,8 +693,9 @@ class MAS:
         def place(group: str) -> dict[str, Tensor]:
             # Ω and θ* take their parameter's sharding; the running task is whole on every rank.
             follow = sharding.like if group in ("omega", "theta_star") else lambda t, p: sharding.full(t)
-            return {n: follow(t.detach(), named[n]).to(device=named[n].device, dtype=acc_dtype(named[n].dtype),
-                                                       copy=True)
+            dtype = {"omega": self._omega_dtype, "theta_star": self._theta_dtype}.get(
+                group, lambda p: acc_dtype(p.dtype))
+            return {n: follow(t.detach(), named[n]).to(device=named[n].device, dtype=dtype(named[n]), copy=True)
                     for n, t in state[group].items()}
 
         task = _TaskImportance()

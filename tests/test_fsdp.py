@@ -275,3 +275,21 @@ def test_checkpoint_from_two_ranks_loads_at_another_world_size(spawned, world, h
                 else:  # the union of the ranks' running task, reduced again on saving
                     assert_close(loaded[how][group][n], t, torch.float64, f"{group}[{n}]")
         assert (loaded[how]["num_tasks"], loaded[how]["task_count"]) == (saved["num_tasks"], saved["task_count"])
+
+
+@pytest.mark.slow
+def test_docs_example_runs_under_torchrun(tmp_path):
+    """docs/sharded.md's example runs as written at 2 ranks."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (code,) = re.findall(r"^```python\n(.*?)^```", (root / "docs" / "sharded.md").read_text(), re.S | re.M)
+    script = tmp_path / "example.py"
+    script.write_text(code, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
