@@ -117,6 +117,19 @@ def run_mode(model, mode, batches, train, world):
     return out, mas
 
 
+def run_lean(model, batches):
+    """state_dtype=bfloat16 on the (sharded) model: Ω, the θ* dtype and the penalty after a
+    perturbation, gathered."""
+    mas = MAS(model, lambda_=LAMBDA, state_dtype=torch.bfloat16)
+    mas.consolidate(batches, progress=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+    return {"omega": {n: whole(t) for n, t in mas.importance.items()},
+            "theta_star_dtypes": sorted({str(t.dtype) for t in mas.theta_star.values()}),
+            "penalty": mas.penalty().detach(), "memory": mas.memory_bytes()}
+
+
 def scenario(world, rank=None, checkpoint=None, save=False):
     """Every mode on this rank (rank=None: one process on the union of all ranks' data)."""
     importance, train = samples(world)
@@ -139,6 +152,7 @@ def scenario(world, rank=None, checkpoint=None, save=False):
                 dcp.save({"mas": mas.state_dict()}, checkpoint_id=checkpoint)
                 if rank == 0:
                     torch.save(results["saved"], os.path.join(checkpoint, "full.pt"))
+    results["lean"] = run_lean(make_model() if rank is None else shard(make_model(), world), mine)
     return results
 
 
@@ -293,3 +307,17 @@ def test_docs_example_runs_under_torchrun(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_lean_state_is_sharded_too(spawned, single, world):
+    expected = single[world]["lean"]
+    for rank in spawned[world]:
+        lean = rank["lean"]
+        assert lean["theta_star_dtypes"] == ["torch.float64"]
+        for n, t in expected["omega"].items():
+            assert lean["omega"][n].dtype == torch.bfloat16
+            torch.testing.assert_close(lean["omega"][n], t, rtol=1e-2, atol=0)
+        torch.testing.assert_close(lean["penalty"], expected["penalty"], rtol=1e-2, atol=0)
+        # Ω in 2 bytes instead of 8, sharded: a quarter of the float64 Ω bytes on this rank
+        assert lean["memory"]["omega"] * 4 == rank["per_sample"]["memory"]["omega"]
