@@ -3,8 +3,8 @@
 Three spawns serve every test: 2 ranks (every mode, the penalty, the fused AdamW step, a
 torch.distributed.checkpoint save), then 4 ranks (the same, and loading the 2-rank checkpoint)
 and 1 rank (loading it again). Each rank brings its own samples (uneven counts); layer widths
-that 2 and 4 do not divide give uneven shards (one rank's shard of a 7-row weight at 4 ranks
-has a single row). The model has a layer without a rule (`Gate`: the module-local path) and
+that 2 and 4 do not divide give uneven shards (at 4 ranks, the 3-row head leaves one rank an
+empty shard). The model has a layer without a rule (`Gate`: the module-local path) and
 LayerNorm parameters held by the root's own FSDP group.
 
 Tolerance: float64 models, so the ranks differ from one process only in float summation order
@@ -47,7 +47,7 @@ class Gate(nn.Module):
 
 def make_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.LayerNorm(10), Gate(10), nn.Linear(10, 7)).double()
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.LayerNorm(10), Gate(10), nn.Linear(10, 3)).double()
 
 
 def shard(model, world):
@@ -69,7 +69,7 @@ def samples(world):
     spans = {r: [(0, 3), (3, 8)] if r == 0 else [(3 + 5 * r, 8 + 5 * r)] for r in range(world)}
     importance = {r: [x[a:b] for a, b in spans[r]] for r in range(world)}
     xt = torch.randn(2, 3 * world, 6, generator=g, dtype=torch.float64)
-    yt = torch.randn(2, 3 * world, 7, generator=g, dtype=torch.float64)
+    yt = torch.randn(2, 3 * world, 3, generator=g, dtype=torch.float64)
     train = {r: [(xt[s, 3 * r:3 * r + 3], yt[s, 3 * r:3 * r + 3]) for s in range(2)] for r in range(world)}
     return importance, train
 
