@@ -50,14 +50,14 @@ def make_model():
     return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.LayerNorm(10), Gate(10), nn.Linear(10, 3)).double()
 
 
-def shard(model, world):
+def shard(model, world, **options):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
     for block in (model[0], model[3], model[4]):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)  # the root keeps the LayerNorm's parameters
+        fully_shard(block, mesh=mesh, **options)
+    fully_shard(model, mesh=mesh, **options)  # the root keeps the LayerNorm's parameters
     return model
 
 
@@ -152,6 +152,13 @@ def scenario(world, rank=None, checkpoint=None, save=False):
                 dcp.save({"mas": mas.state_dict()}, checkpoint_id=checkpoint)
                 if rank == 0:
                     torch.save(results["saved"], os.path.join(checkpoint, "full.pt"))
+    if rank is not None:  # FSDP2 mixed precision: the pass runs on bf16 unsharded parameters
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        model = shard(make_model().float(), world, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        mas = MAS(model)
+        mas.consolidate([b.float() for b in mine], progress=False)
+        results["mixed_precision"] = {n: whole(t) for n, t in mas.importance.items()}
     results["lean"] = run_lean(make_model() if rank is None else shard(make_model(), world), mine)
     return results
 
@@ -321,3 +328,13 @@ def test_lean_state_is_sharded_too(spawned, single, world):
         torch.testing.assert_close(lean["penalty"], expected["penalty"], rtol=1e-2, atol=0)
         # Ω in 2 bytes instead of 8, sharded: a quarter of the float64 Ω bytes on this rank
         assert lean["memory"]["omega"] * 4 == rank["per_sample"]["memory"]["omega"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_mixed_precision_policy_importance_is_float32_and_close(spawned, single, world):
+    """MixedPrecisionPolicy(param_dtype=bf16): bf16 arithmetic in the pass, float32 state."""
+    for rank in spawned[world]:
+        for n, t in single[world]["per_sample"]["omega"].items():
+            omega = rank["mixed_precision"][n]
+            assert omega.dtype == torch.float32
+            assert float((omega.double() - t).norm() / t.norm()) <= 2e-2, n
