@@ -116,7 +116,7 @@ def _agree(report: dict[str, Any], count: int) -> int:
     """
     payload = json.dumps(report).encode()
     failed = "error" in report
-    device = _exchange_device()
+    device = exchange_device()
     digest = struct.unpack("<4q", hashlib.sha256(payload).digest())
     header = torch.tensor([int(failed), count, len(payload), *digest], dtype=torch.int64)
     headers = _all_gather(header.to(device)).cpu()
@@ -163,7 +163,7 @@ def _all_gather(t: Tensor) -> Tensor:
     return torch.stack(out)
 
 
-def _exchange_device() -> torch.device:
+def exchange_device() -> torch.device:
     """Where the exchange tensors live: CPU for gloo and MPI, else (NCCL and other
     accelerator-only backends) the current accelerator device."""
     backend = str(dist.get_backend()).lower()

@@ -607,12 +607,16 @@ class MAS:
     def _union_task(self) -> _TaskImportance:
         """Collective: the running task of every rank's samples together (the mean
         `consolidate()` would reduce), the same on every rank."""
+        union = _TaskImportance()
+        counts = torch.tensor([self._task.count], dtype=torch.int64, device=distributed.exchange_device())
+        torch.distributed.all_reduce(counts)  # no rank has a running task: nothing to reduce
+        if not int(counts):
+            return union
         named = dict(self.model.named_parameters())
         covered = self._task.mean if self._task.count else self._trainable()
         mean, count = distributed.union_mean(lambda: distributed.contribution(
             {"consolidated tasks": self.num_tasks}, self._task.mean, self._task.compensation, self._task.count,
             {n: named[n] for n in named if n in covered}))
-        union = _TaskImportance()
         if count:
             union.mean, union.compensation = mean, {n: torch.zeros_like(t) for n, t in mean.items()}
             union.count = count
