@@ -11,7 +11,6 @@ Tolerance: float64 models, so the ranks differ from one process only in float su
 (tests/tolerances.py's float64 bound; far below the 1e-6 relative the design asks for).
 """
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -183,10 +182,11 @@ def load_checkpoint(world, checkpoint):
     return out
 
 
-def _worker(rank, world, port, out_dir, checkpoint, job):
+def _worker(rank, world, out_dir, checkpoint, job):
     # A rank that never joins a collective fails the others after this timeout instead of hanging.
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    # Rendezvous through a file: no TCP port that a concurrent test could take first.
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
     try:
         result = {}
         if "scenario" in job:
@@ -198,15 +198,9 @@ def _worker(rank, world, port, out_dir, checkpoint, job):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(world, out_dir, checkpoint, job):
     """Spawn `world` ranks; fail (never hang) if they do not finish in TIMEOUT_S."""
-    ctx = mp.start_processes(_worker, args=(world, free_port(), str(out_dir), str(checkpoint), job),
+    ctx = mp.start_processes(_worker, args=(world, str(out_dir), str(checkpoint), job),
                              nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=2):
