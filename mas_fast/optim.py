@@ -141,7 +141,8 @@ class SGD(_MASOptimizer):
                                weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                                maximize=group["maximize"])
         if config.momentum == 0:
-            return [on_local_shards(ops.sgd_step_)(params, grads, [], theta_star, omega, lam, config, backend=self.backend)]
+            return [on_local_shards(ops.sgd_step_)(params, grads, [], theta_star, omega, lam, config,
+                                                   backend=self.backend)]
         # torch.optim starts a buffer as a copy of the first gradient: one call for the
         # tensors with a buffer, one for those getting theirs now.
         values = []

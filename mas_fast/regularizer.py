@@ -631,6 +631,10 @@ class MAS:
         state sits in the saved dict (`"mas."` for `{"mas": mas.state_dict()}`). Load into it,
         then pass it to `load_state_dict`: the checkpoint may come from any world size.
         """
+        if isinstance(stored_keys, (str, bytes)) or not isinstance(stored_keys, Iterable):
+            raise TypeError(f"stored_keys must be an iterable of checkpoint keys, got {type(stored_keys).__name__}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         stored = set(stored_keys)
         template = {k: v for k, v in self.state_dict().items() if k not in STATE_GROUPS}
         template["task_count"] = 0

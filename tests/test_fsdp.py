@@ -332,3 +332,16 @@ def test_mixed_precision_policy_importance_is_float32_and_close(spawned, single,
             omega = rank["mixed_precision"][n]
             assert omega.dtype == torch.float32
             assert float((omega.double() - t).norm() / t.norm()) <= 2e-2, n
+
+
+def test_state_dict_template_holds_what_the_checkpoint_holds():
+    """One process, no sharding: the template has zero tensors for the stored entries only."""
+    model = nn.Linear(3, 2)
+    mas = MAS(model)
+    template = mas.state_dict_template(["mas.omega.weight", "mas.theta_star.weight", "mas.num_tasks"], "mas.")
+    assert set(template["omega"]) == set(template["theta_star"]) == {"weight"}
+    assert not template["task_mean"] and template["task_count"] == 0
+    assert torch.equal(template["omega"]["weight"], torch.zeros(2, 3))
+    for bad in ("mas.omega.weight", 3):
+        with pytest.raises(TypeError, match="stored_keys"):
+            mas.state_dict_template(bad)
