@@ -239,8 +239,9 @@ class MAS:
             all-reduces the task's importance sums and sample counts, so every rank holds the
             Ω of the union of all ranks' data; every rank must then call `consolidate()`, and
             the ranks first check that they agree (see `consolidate`). False keeps importance
-            rank-local and communicates nothing. Sharded parameters (FSDP, DTensor) raise a
-            TypeError (see mas_fast.distributed).
+            rank-local and communicates nothing (refused for an FSDP2 model under several
+            ranks, whose Ω is one tensor sharded over them). FSDP2 (`fully_shard`) models are
+            supported (see mas_fast.sharding); FSDP1 and tensor parallel raise a TypeError.
         state_dtype: None keeps consolidated Ω and θ* in float32 (float64 for float64
             parameters). torch.bfloat16 is the lean setting: Ω in bfloat16 and θ* in the
             parameter's own dtype (2 + 2 bytes per bf16 parameter instead of 8); the running
@@ -349,6 +350,10 @@ class MAS:
         """
         # A pass over a loader works on a copy of the engine state (demotions, warnings,
         # coverage), committed with the rest of the state.
+        if not self.sync and distributed.active() and any(map(sharding.is_sharded, self.model.parameters())):
+            raise ValueError("sync=False cannot consolidate an FSDP2 model under several ranks: each rank "
+                             "would keep its shard of its own importance, and the shards would not form one Ω; "
+                             "use sync=True")
         engine = self._engine.copy() if loader is not None else self._engine
         if self.sync and distributed.active():
             task_mean, count = distributed.union_mean(lambda: self._contribution(loader, progress, engine))

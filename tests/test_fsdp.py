@@ -158,6 +158,12 @@ def scenario(world, rank=None, checkpoint=None, save=False):
         mas = MAS(model)
         mas.consolidate([b.float() for b in mine], progress=False)
         results["mixed_precision"] = {n: whole(t) for n, t in mas.importance.items()}
+    if rank is not None:
+        try:
+            MAS(shard(make_model(), world), sync=False).consolidate(mine, progress=False)
+            results["sync_false"] = None
+        except ValueError as exc:
+            results["sync_false"] = str(exc)
     results["lean"] = run_lean(make_model() if rank is None else shard(make_model(), world), mine)
     return results
 
@@ -345,3 +351,8 @@ def test_state_dict_template_holds_what_the_checkpoint_holds():
     for bad in ("mas.omega.weight", 3):
         with pytest.raises(TypeError, match="stored_keys"):
             mas.state_dict_template(bad)
+
+
+def test_rank_local_importance_is_refused_on_sharded_models(spawned):
+    for rank in spawned[2]:
+        assert rank["sync_false"] is not None and "sync=False" in rank["sync_false"]
