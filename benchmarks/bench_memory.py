@@ -8,7 +8,7 @@ per block and at the root, then measure on every rank:
   2×32 tokens) and by one training step with the penalty (`loss + mas.penalty()`, backward,
   AdamW step), each above the resident memory just before it (Linux peak-RSS reset through
   /proc/self/clear_refs).
-Sizes in MiB; the largest rank is reported. Results: benchmarks/results/memory-<device>.json.
+Sizes in MiB; the largest rank is reported. Results: benchmarks/results/memory/<device>.json.
 
     python benchmarks/bench_memory.py            # or: pytest benchmarks/bench_memory.py
 """
@@ -125,7 +125,8 @@ def run() -> str:
     results = [summary(measure(world)) for world in WORLDS]
     device = device_name("cpu")
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:40]  # as common.write_results names files
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"memory-{slug}.json")
+    # A folder of its own: results/*.json are the timing suites that plot.py charts.
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "memory", f"{slug}.json")
     with open(path, "w") as f:
         json.dump({"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                    "model": "GPT-2 style, 12 blocks, width 512, vocab 16000, untied head, fp32",
