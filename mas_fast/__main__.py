@@ -21,6 +21,9 @@ def info() -> int:
     print("backends (auto tries them in the order " + " > ".join(PRIORITY) + "):")
     for name, reason in backend_status().items():
         print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    print("MAS state: 8 bytes per fp32 parameter (Ω + θ*), plus 8 during a task's importance pass; "
+          "state_dtype=torch.bfloat16 keeps 4-6; FSDP2 shards Ω and θ* 1/world per rank "
+          "(mas.memory_bytes(), docs/sharded.md)")
     return 0
 
 

@@ -7,22 +7,19 @@
 - Before that reduction the ranks agree (see `union_mean`): every rank either commits, or
   raises the same clear error (differing parameters or configuration, or a rank whose
   importance pass failed), with no collective left pending and no state changed.
-- Sharded parameters (FSDP, FSDP2 `fully_shard`, tensor parallel DTensors) are refused
-  with a TypeError: a rank holds only a slice of each parameter, while per-sample
-  importance needs every layer's full weight and activations.
+- FSDP2 (`fully_shard`) models take the same path: the sums are full-size on every rank,
+  and each rank then keeps its shard of the mean (see mas_fast.sharding).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import struct
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from .ops.policy import acc_dtype
 
@@ -32,29 +29,6 @@ Tensor = torch.Tensor
 def active() -> bool:
     """True inside an initialized process group with more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def sharded_parameters(model: nn.Module) -> list[str]:
-    """Names of the parameters that are shards: DTensors (FSDP2, tensor parallel), FSDP1
-    flat parameters, or anything inside a FullyShardedDataParallel wrapper."""
-    # No DTensor can exist unless its module was imported: skip the (slow) import otherwise.
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
-    inside_fsdp = fsdp is not None and any(isinstance(m, fsdp) for m in model.modules())
-    return [n for n, p in model.named_parameters()
-            if inside_fsdp or getattr(p, "_is_flat_param", False)
-            or (dtensor is not None and isinstance(p, dtensor))]
-
-
-def check_unsharded(model: nn.Module) -> None:
-    """TypeError naming the sharded parameters, if any (see the module docstring)."""
-    names = sharded_parameters(model)
-    if names:
-        shown = ", ".join(names[:5]) + (f", … ({len(names)} in all)" if len(names) > 5 else "")
-        raise TypeError(
-            f"MAS does not support sharded parameters (FSDP / fully_shard / DTensor): {shown}. "
-            "Per-sample importance needs each layer's full weight; use DistributedDataParallel "
-            "(or no wrapper) for the importance pass and the penalty")
 
 
 class RankFailedError(RuntimeError):
@@ -142,7 +116,7 @@ def _agree(report: dict[str, Any], count: int) -> int:
     """
     payload = json.dumps(report).encode()
     failed = "error" in report
-    device = _exchange_device()
+    device = exchange_device()
     digest = struct.unpack("<4q", hashlib.sha256(payload).digest())
     header = torch.tensor([int(failed), count, len(payload), *digest], dtype=torch.int64)
     headers = _all_gather(header.to(device)).cpu()
@@ -189,7 +163,7 @@ def _all_gather(t: Tensor) -> Tensor:
     return torch.stack(out)
 
 
-def _exchange_device() -> torch.device:
+def exchange_device() -> torch.device:
     """Where the exchange tensors live: CPU for gloo and MPI, else (NCCL and other
     accelerator-only backends) the current accelerator device."""
     backend = str(dist.get_backend()).lower()

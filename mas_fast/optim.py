@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from . import ops
+from .sharding import on_local_shards, split_by_sharding, sum_over_ranks
 from .regularizer import MAS
 
 Tensor = torch.Tensor
@@ -47,7 +48,7 @@ class _MASOptimizer(torch.optim.Optimizer):
             raise TypeError(f"regularizer must be a mas_fast.MAS or None, got {type(regularizer).__name__}")
         self.regularizer = regularizer
         self.backend = ops.check_backend(backend if backend is not None else
-                                         regularizer.backend if regularizer is not None else "auto")
+                                         regularizer.penalty_backend if regularizer is not None else "auto")
         super().__init__(params, defaults)
         # Updated in place, so that a torch.compile'd step() updates it too; on the parameters'
         # device, so that recording it never waits for the GPU.
@@ -88,9 +89,14 @@ class _MASOptimizer(torch.optim.Optimizer):
                 elif p.grad is not None:
                     plain.append(p)
             if covered:
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in covered]
-                values += self._step_tensors(group, covered, grads, [terms[p][0] for p in covered],
-                                             [terms[p][1] for p in covered], lam)
+                # FSDP2 (DTensor) parameters step on their shards; their penalty is summed over ranks.
+                sharded, whole = split_by_sharding(range(len(covered)), covered)
+                for index, total in ((sharded, sum_over_ranks), (whole, lambda v: v)):
+                    part = [covered[i] for i in index]
+                    if part:
+                        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in part]
+                        values += map(total, self._step_tensors(group, part, grads, [terms[p][0] for p in part],
+                                                                [terms[p][1] for p in part], lam))
             if plain:
                 self._step_tensors(group, plain, [p.grad for p in plain], [], [], 0.0)
         if values:
@@ -135,7 +141,8 @@ class SGD(_MASOptimizer):
                                weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                                maximize=group["maximize"])
         if config.momentum == 0:
-            return [ops.sgd_step_(params, grads, [], theta_star, omega, lam, config, backend=self.backend)]
+            return [on_local_shards(ops.sgd_step_)(params, grads, [], theta_star, omega, lam, config,
+                                                   backend=self.backend)]
         # torch.optim starts a buffer as a copy of the first gradient: one call for the
         # tensors with a buffer, one for those getting theirs now.
         values = []
@@ -146,7 +153,7 @@ class SGD(_MASOptimizer):
             if init:
                 for i in index:
                     self.state[params[i]]["momentum_buffer"] = torch.empty_like(params[i])
-            values.append(ops.sgd_step_(
+            values.append(on_local_shards(ops.sgd_step_)(
                 [params[i] for i in index], [grads[i] for i in index],
                 [self.state[params[i]]["momentum_buffer"] for i in index],
                 [theta_star[i] for i in index] if theta_star else [],
@@ -200,7 +207,7 @@ class Adam(_MASOptimizer):
         amsgrad = group["amsgrad"]
         states = [self._state(p, amsgrad) for p in params]
         beta1, beta2 = group["betas"]
-        return [ops.adam_step_(
+        return [on_local_shards(ops.adam_step_)(
             params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states],
             theta_star, omega, lam, ops.AdamConfig(

@@ -2,7 +2,8 @@
 
 State (all per parameter name, float32 — float64 for float64 parameters):
 - the running mean Ω of the current task (Kahan-compensated) and its sample count;
-- the consolidated Ω of all past tasks and θ*, the parameters at the last consolidation.
+- the consolidated Ω of all past tasks and θ*, the parameters at the last consolidation
+  (with `state_dtype=torch.bfloat16`: Ω in bfloat16, θ* in the parameter's dtype).
 Every public method validates first and mutates last, so a failure leaves the state as it was.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn as nn
 from . import ops
 from .conventions import MERGES, convention as convention_named
 from .importance import ImportanceState, batch_importance
-from . import distributed
+from . import distributed, sharding
 from .ops.policy import acc_dtype
 
 Tensor = torch.Tensor
@@ -70,6 +71,18 @@ def _check_config(lambda_: float, mode: Optional[str], merge: Optional[str], alp
     return resolved
 
 
+STATE_DTYPES = (None, torch.bfloat16)
+
+
+def _check_state_dtype(state_dtype: Optional[torch.dtype], backend: str) -> None:
+    """ValueError unless `state_dtype` is a supported lean setting that `backend` can run."""
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype!r}")
+    if state_dtype is not None and backend not in ("auto", "reference"):
+        raise ValueError(f"state_dtype={state_dtype} runs on the reference backend only (the kernels take "
+                         f"float32 state); got backend={backend!r}: use 'auto' or 'reference'")
+
+
 def _check_usable(backend: str) -> str:
     """An explicit backend must be able to run here: fail at construction, not mid-training."""
     why = ops.backend_status()[ops.check_backend(backend)] if backend != "auto" else None
@@ -92,6 +105,7 @@ def _corrupt_values(state: Mapping[str, Any]) -> list[str]:
                 if isinstance(state[k], bool) or not isinstance(state[k], int) or state[k] < 0]
     for group in STATE_GROUPS:
         for n, t in state[group].items():
+            t = sharding.local(t)  # a DTensor: this rank checks its shard (no collective)
             if not bool(torch.isfinite(t).all()):
                 problems.append(f"{group}[{n}] is not finite")
             elif group in ("omega", "task_mean") and bool((t < 0).any()):
@@ -229,8 +243,9 @@ class MAS:
             all-reduces the task's importance sums and sample counts, so every rank holds the
             Ω of the union of all ranks' data; every rank must then call `consolidate()`, and
             the ranks first check that they agree (see `consolidate`). False keeps importance
-            rank-local and communicates nothing. Sharded parameters (FSDP, DTensor) raise a
-            TypeError (see mas_fast.distributed).
+            rank-local and communicates nothing (refused for an FSDP2 model under several
+            ranks, whose Ω is one tensor sharded over them). FSDP2 (`fully_shard`) models are
+            supported (see mas_fast.sharding); FSDP1 and tensor parallel raise a TypeError.
         convention: whose MAS, so that a λ published with it carries over (docs/conventions.md):
             "paper" (default), "authors" (the official code), "facil", "hsu" (Hsu et al.'s
             Continual-Learning-Benchmark) or "avalanche". Each fixes the objective, the
@@ -239,11 +254,17 @@ class MAS:
         norm: the output norm f in Ω = mean |∂f(F)/∂θ| ("paper" and "authors" only): "l2"
             (‖F‖², default), "l1" (‖F‖₁) or "vector" (each output on its own, |∂F_i/∂θ|
             summed over i along dimension 1 of F: one backward per output).
+        state_dtype: None keeps consolidated Ω and θ* in float32 (float64 for float64
+            parameters). torch.bfloat16 is the lean setting: Ω in bfloat16 and θ* in the
+            parameter's own dtype (2 + 2 bytes per bf16 parameter instead of 8); the running
+            task still accumulates in float32 with its compensation. The C++/CUDA kernels take
+            float32 state only: "auto" runs the penalty and fused steps on the reference.
 
     Importance passes run in eval mode (each module's mode restored), never touch
     `p.grad` and cover the parameters with `requires_grad=True`. Parameters added later
     (a new head) have zero importance. Ω and θ* are float32 (float64 for float64
-    parameters) and follow the model's device and dtype.
+    parameters; see `state_dtype`) and follow the model's device and dtype. On an FSDP2
+    model they are DTensors sharded like their parameters (see mas_fast.sharding).
 
     The model may be wrapped in DistributedDataParallel, DataParallel or `torch.compile`:
     MAS works on the module inside, and state names carry no wrapper prefix. A MAS is not
@@ -256,7 +277,7 @@ class MAS:
                  merge: Optional[str] = None, alpha: float = 0.5,
                  output_fn: Optional[Callable[[Any], Tensor]] = None, backend: str = "auto",
                  sync: bool = True, verify: bool = True, convention: str = "paper",
-                 norm: Optional[str] = None) -> None:
+                 norm: Optional[str] = None, state_dtype: Optional[torch.dtype] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         mode, norm, merge = _check_config(lambda_, mode, merge, alpha, convention, norm)
@@ -266,7 +287,9 @@ class MAS:
             raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
-        distributed.check_unsharded(model)
+        _check_state_dtype(state_dtype, backend)
+        sharding.check_supported(model)
+        self.state_dtype = state_dtype
         self.model = unwrap(model)
         self.sync = sync
         self.verify = verify
@@ -281,10 +304,16 @@ class MAS:
         self._theta_star: dict[str, Tensor] = {}
         self._task = _TaskImportance()
 
+    def _omega_dtype(self, param: Tensor) -> torch.dtype:
+        return self.state_dtype if self.state_dtype is not None else acc_dtype(param.dtype)
+
+    def _theta_dtype(self, param: Tensor) -> torch.dtype:
+        return param.dtype if self.state_dtype is not None else acc_dtype(param.dtype)
+
     # ------------------------------------------------------------------ importance
 
     def _trainable(self) -> dict[str, Tensor]:
-        distributed.check_unsharded(self.model)
+        sharding.check_supported(self.model)
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _accumulate_into(self, task: _TaskImportance, x: Any, engine: Optional[ImportanceState] = None) -> int:
@@ -298,7 +327,9 @@ class MAS:
             raise ValueError("parameters changed shape during the task: " + "; ".join(reshaped))
         engine = engine if engine is not None else self._engine
         setting = convention_named(self.convention)
-        sums, n = batch_importance(self.model, x, params, self.mode, self.output_fn, self.backend,
+        # Under FSDP2 the caller holds the model unsharded: the pass sees plain full parameters.
+        full = {n: p for n, p in self.model.named_parameters() if n in params}
+        sums, n = batch_importance(self.model, x, full, self.mode, self.output_fn, self.backend,
                                    verify=self.verify, state=engine, objective=setting.objective(self.norm))
         factor, weight = setting.weigh(n)
         if factor != 1.0:
@@ -313,8 +344,10 @@ class MAS:
         Usable at any time (e.g. on unlabeled test-time data): streaming batches of any
         sizes gives the same Ω as one pass over their union (per-sample modes; a
         convention whose Ω is a mean over batches depends on the batches, as its library does).
+        On an FSDP2 model it is a collective (it gathers the parameters): every rank calls it,
+        each with its own batch.
         """
-        with _exclusive_pass(self.model):
+        with _exclusive_pass(self.model), sharding.unsharded(self.model):
             return self._accumulate_into(self._task, x)
 
     @_normal_tensors
@@ -335,6 +368,10 @@ class MAS:
         """
         # A pass over a loader works on a copy of the engine state (demotions, warnings,
         # coverage), committed with the rest of the state.
+        if not self.sync and distributed.active() and any(map(sharding.is_sharded, self.model.parameters())):
+            raise ValueError("sync=False cannot consolidate an FSDP2 model under several ranks: each rank "
+                             "would keep its shard of its own importance, and the shards would not form one Ω; "
+                             "use sync=True")
         engine = self._engine.copy() if loader is not None else self._engine
         if self.sync and distributed.active():
             task_mean, count = distributed.union_mean(lambda: self._contribution(loader, progress, engine))
@@ -347,8 +384,10 @@ class MAS:
                              "nothing to consolidate: call accumulate(x) or pass a loader first")
         named = dict(self.model.named_parameters())
         self._check_model_holds(task_mean, named)
-        omega = self._merged(task_mean)
-        theta_star = {n: named[n].detach().to(acc_dtype(named[n].dtype), copy=True) for n in omega}
+        # FSDP2: every rank holds the whole mean; it keeps its shard (parameters' sharding).
+        omega = self._merged({n: sharding.shard_like(t, named[n]) for n, t in task_mean.items()})
+        omega = {n: o.to(self._omega_dtype(named[n])) for n, o in omega.items()}  # merged in fp32
+        theta_star = {n: named[n].detach().to(self._theta_dtype(named[n]), copy=True) for n in omega}
         self._omega, self._theta_star = omega, theta_star
         self._task = _TaskImportance()
         self._engine = engine
@@ -370,7 +409,7 @@ class MAS:
         # tqdm calls iter(loader) when built, and each DataLoader iterator draws a seed from
         # the global RNG (a train-mode pass must see the dropout masks a plain loop would)
         batches = tqdm(loader, desc="MAS importance", leave=False) if progress else loader
-        with _exclusive_pass(self.model):
+        with _exclusive_pass(self.model), sharding.unsharded(self.model):  # one all-gather per pass
             for batch in batches:
                 self._accumulate_into(task, batch_input(batch), engine)
         return task
@@ -405,15 +444,17 @@ class MAS:
         if not self._omega and not (alpha and setting.alpha_from_zero):
             return {n: t.clone() for n, t in task_omega.items()}
         a, b = (self.alpha, 1.0 - self.alpha) if alpha else (1.0, 1.0)
-        merged = {n: t.clone() for n, t in self._omega.items()}
+        merged = {n: t.to(task_omega[n].dtype if n in task_omega else acc_dtype(t.dtype), copy=True)
+                  for n, t in self._omega.items()}  # lean Ω merges in float32
         new = [n for n in task_omega if n not in merged]
         for n in new:  # Ω starts at 0 there, or (new_unmixed) takes the task's Ω as it is
             merged[n] = task_omega[n].clone() if alpha and setting.new_unmixed else torch.zeros_like(task_omega[n])
         mixed = [n for n in task_omega if not (alpha and setting.new_unmixed and n in new)]
         untouched = [n for n in merged if n not in task_omega]
-        ops.merge_([merged[n] for n in mixed], [task_omega[n] for n in mixed], a, b, backend=self.backend)
+        ops.merge_(sharding.locals_of([merged[n] for n in mixed]), sharding.locals_of([task_omega[n] for n in mixed]),
+                   a, b, backend=self.backend)
         if untouched and a != 1.0:  # absent from this task: Ω_task = 0 there
-            torch._foreach_mul_([merged[n] for n in untouched], a)
+            torch._foreach_mul_(sharding.locals_of([merged[n] for n in untouched]), a)
         return merged
 
     @_normal_tensors
@@ -434,7 +475,7 @@ class MAS:
             return dict(self._engine.coverage)
         engine = self._engine.copy()
         engine.new_pass()
-        with _exclusive_pass(self.model):
+        with _exclusive_pass(self.model), sharding.unsharded(self.model):
             self._accumulate_into(_TaskImportance(), x, engine)
         return dict(engine.coverage)
 
@@ -455,10 +496,13 @@ class MAS:
         if problems:
             raise ValueError("the model does not match the consolidated MAS state: " + "; ".join(problems))
         for n, o in self._omega.items():  # follow the model to a new device or dtype
-            place = dict(device=named[n].device, dtype=acc_dtype(named[n].dtype))
-            if (o.device, o.dtype) != (place["device"], place["dtype"]):
-                self._omega[n] = o.to(**place)
-                self._theta_star[n] = self._theta_star[n].to(**place)
+            p = named[n]
+            if (o.device, o.dtype, self._theta_star[n].dtype) != (p.device, self._omega_dtype(p), self._theta_dtype(p)):
+                self._omega[n] = o.to(device=p.device, dtype=self._omega_dtype(p))
+                self._theta_star[n] = self._theta_star[n].to(device=p.device, dtype=self._theta_dtype(p))
+            if sharding.is_sharded(named[n]) != sharding.is_sharded(o):  # sharded after consolidation
+                self._omega[n] = sharding.like(self._omega[n], named[n])
+                self._theta_star[n] = sharding.like(self._theta_star[n], named[n])
         names = list(self._omega)
         return [named[n] for n in names], [self._theta_star[n] for n in names], [self._omega[n] for n in names]
 
@@ -466,12 +510,28 @@ class MAS:
         p = next(self.model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None)
 
+    @property
+    def penalty_backend(self) -> str:
+        """The backend of the penalty and of the fused optimizer steps: `backend`, or
+        "reference" with lean state (the C++/CUDA kernels take float32 Ω and θ* only)."""
+        return "reference" if self.state_dtype is not None else self.backend
+
     def penalty(self) -> Tensor:
         """λ Σ Ω (θ − θ*)² as a differentiable scalar (0 before the first consolidate)."""
         if not self._omega:
             return self._zero()
         params, theta_star, omega = self._aligned()
-        return ops.penalty(params, theta_star, omega, self.penalty_strength, backend=self.backend)
+        sharded, plain = sharding.split_by_sharding(range(len(params)), params)
+        if not sharded:
+            return ops.penalty(params, theta_star, omega, self.penalty_strength, backend=self.penalty_backend)
+        # FSDP2: each rank's shards, summed over ranks; each shard's gradient reaches it once.
+        value = sharding.sum_over_ranks(ops.penalty(
+            *(sharding.locals_of([ts[i] for i in sharded]) for ts in (params, theta_star, omega)),
+            self.penalty_strength, backend=self.penalty_backend))
+        if plain:  # parameters outside fully_shard: replicated, counted once
+            value = value + ops.penalty(*([ts[i] for i in plain] for ts in (params, theta_star, omega)),
+                                        self.penalty_strength, backend=self.penalty_backend)
+        return value
 
     def add_penalty_grad_(self) -> Tensor:
         """After `loss.backward()`: p.grad += 2λΩ(θ − θ*); returns the penalty value.
@@ -489,9 +549,18 @@ class MAS:
         for i in keep:
             if params[i].grad is None:
                 params[i].grad = torch.zeros_like(params[i])
-        params = [params[i] for i in keep]
-        return ops.penalty_and_grad_(params, [p.grad for p in params], [theta_star[i] for i in keep],
-                                     [omega[i] for i in keep], self.penalty_strength, backend=self.backend)
+        sharded, plain = sharding.split_by_sharding(keep, params)
+
+        def penalty_and_grad_(index: list[int]) -> Tensor:
+            return ops.penalty_and_grad_(*(sharding.locals_of(ts) for ts in (
+                [params[i] for i in index], [params[i].grad for i in index], [theta_star[i] for i in index],
+                [omega[i] for i in index])), self.penalty_strength, backend=self.penalty_backend)
+
+        if not sharded:
+            return penalty_and_grad_(plain)
+        with torch.no_grad():  # FSDP2: each rank's shards, summed over ranks
+            value = sharding.sum_over_ranks(penalty_and_grad_(sharded))
+        return value + penalty_and_grad_(plain) if plain else value
 
     # ------------------------------------------------------------------ views and state
 
@@ -542,22 +611,94 @@ class MAS:
         a mean over batches: "authors", "hsu", "avalanche")."""
         return self._task.count
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, full_state_dict: bool = False) -> dict[str, Any]:
         """A snapshot in tensors and plain types: loads with `torch.load(..., weights_only=True)`.
 
         Later `accumulate()` / `consolidate()` calls do not change it: its tensors are shared
         with the MAS until the MAS next updates them, and then the MAS updates copies (no copy
         is made for a snapshot that is only saved). Do not modify its tensors in place.
+
+        On an FSDP2 model Ω and θ* are DTensors sharded like their parameters: save them with
+        `torch.distributed.checkpoint` (see `state_dict_template` to load). `full_state_dict=True`
+        gathers them into whole tensors instead (a collective: every rank must call it), like
+        torch's `get_state_dict(..., StateDictOptions(full_state_dict=True))`.
         """
+        if not isinstance(full_state_dict, bool):
+            raise TypeError(f"full_state_dict must be a bool, got {type(full_state_dict).__name__}")
+        # FSDP2: a rank-local running task would not survive a change of world size; the union does.
+        task = self._union_task() if self._shared_task() else self._task
         self._task.exported = True
+        whole = sharding.full if full_state_dict else (lambda t: t)
         return {
             "format": STATE_FORMAT, "convention": self.convention, "mode": self.mode, "norm": self.norm,
             "lambda_": self.lambda_, "merge": self.merge,
             "alpha": self.alpha, "num_tasks": self.num_tasks,
-            "omega": dict(self._omega), "theta_star": dict(self._theta_star),
-            "task_count": self._task.count, "task_mean": dict(self._task.mean),
-            "task_compensation": dict(self._task.compensation),
+            "omega": {n: whole(t) for n, t in self._omega.items()},
+            "theta_star": {n: whole(t) for n, t in self._theta_star.items()},
+            "task_count": task.count, "task_mean": dict(task.mean), "task_compensation": dict(task.compensation),
         }
+
+    def _shared_task(self) -> bool:
+        """True when the running task is kept as one union across ranks in state_dicts: an
+        FSDP2 model under a process group with more than one rank, and sync=True."""
+        return self.sync and distributed.active() and \
+            any(sharding.is_sharded(p) for p in self.model.parameters())
+
+    def _union_task(self) -> _TaskImportance:
+        """Collective: the running task of every rank's samples together (the mean
+        `consolidate()` would reduce), the same on every rank."""
+        union = _TaskImportance()
+        counts = torch.tensor([self._task.count], dtype=torch.int64, device=distributed.exchange_device())
+        torch.distributed.all_reduce(counts)  # no rank has a running task: nothing to reduce
+        if not int(counts):
+            return union
+        named = dict(self.model.named_parameters())
+        covered = self._task.mean if self._task.count else self._trainable()
+        mean, count = distributed.union_mean(lambda: distributed.contribution(
+            {"consolidated tasks": self.num_tasks}, self._task.mean, self._task.compensation, self._task.count,
+            {n: named[n] for n in named if n in covered}))
+        if count:
+            union.mean, union.compensation = mean, {n: torch.zeros_like(t) for n, t in mean.items()}
+            union.count = count
+        return union
+
+    def state_dict_template(self, stored_keys: Iterable[str], prefix: str = "") -> dict[str, Any]:
+        """A `state_dict()`-shaped target for `torch.distributed.checkpoint.load`: zero tensors,
+        Ω and θ* sharded like this model's parameters, for the entries a checkpoint holds.
+
+        `stored_keys`: the checkpoint's flattened keys, e.g.
+        `FileSystemReader(path).read_metadata().state_dict_metadata`; `prefix`: where the MAS
+        state sits in the saved dict (`"mas."` for `{"mas": mas.state_dict()}`). Load into it,
+        then pass it to `load_state_dict`: the checkpoint may come from any world size.
+        """
+        if isinstance(stored_keys, (str, bytes)) or not isinstance(stored_keys, Iterable):
+            raise TypeError(f"stored_keys must be an iterable of checkpoint keys, got {type(stored_keys).__name__}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        stored = set(stored_keys)
+        template = {k: v for k, v in self.state_dict().items() if k not in STATE_GROUPS}
+        template["task_count"] = 0
+        for group in STATE_GROUPS:
+            template[group] = {}
+            for n, p in self.model.named_parameters():
+                if f"{prefix}{group}.{n}" in stored:
+                    dtype = {"omega": self._omega_dtype(p), "theta_star": self._theta_dtype(p)}.get(
+                        group, acc_dtype(p.dtype))
+                    zeros = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                    template[group][n] = sharding.shard_like(zeros, p) if group in ("omega", "theta_star") \
+                        else zeros
+        return template
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of MAS state this rank holds: consolidated Ω ("omega"), θ* ("theta_star"), the
+        running task's mean and compensation ("task"), and their "total". On an FSDP2 model Ω
+        and θ* count this rank's shards only."""
+        held = sharding.state_bytes({"omega": self._omega, "theta_star": self._theta_star,
+                                     "task_mean": self._task.mean, "task_compensation": self._task.compensation})
+        out = {"omega": held["omega"], "theta_star": held["theta_star"],
+               "task": held["task_mean"] + held["task_compensation"]}
+        out["total"] = sum(out.values())
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state (configuration included, like torch.optim); the model must match.
@@ -600,12 +741,17 @@ class MAS:
             raise ValueError("corrupt MAS state: " + "; ".join(corrupt))
 
         def place(group: str) -> dict[str, Tensor]:
-            return {n: t.detach().to(device=named[n].device, dtype=acc_dtype(named[n].dtype), copy=True)
+            # Ω and θ* take their parameter's sharding; the running task is whole on every rank.
+            follow = sharding.like if group in ("omega", "theta_star") else lambda t, p: sharding.full(t)
+            dtype = {"omega": self._omega_dtype, "theta_star": self._theta_dtype}.get(
+                group, lambda p: acc_dtype(p.dtype))
+            return {n: follow(t.detach(), named[n]).to(device=named[n].device, dtype=dtype(named[n]), copy=True)
                     for n, t in state[group].items()}
 
         task = _TaskImportance()
-        task.mean, task.compensation = place("task_mean"), place("task_compensation")
-        task.count = int(state["task_count"])
+        if not (self._shared_task() and torch.distributed.get_rank() != 0):  # the union: on rank 0 only
+            task.mean, task.compensation = place("task_mean"), place("task_compensation")
+            task.count = int(state["task_count"])
         self._omega, self._theta_star, self._task = place("omega"), place("theta_star"), task
         self.mode, self.lambda_, self.merge = state["mode"], float(state["lambda_"]), state["merge"]
         self.convention, self.norm = setting

@@ -101,18 +101,22 @@ def scenario(rank=None):
 
 
 def sharded_errors():
-    """The TypeError messages MAS gives for FSDP2 (DTensor) and FSDP1 parameters."""
+    """The TypeError messages MAS gives for FSDP1 and for DTensor parameters outside FSDP2
+    (tensor parallel); FSDP2 itself is tested in test_fsdp.py."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    def tensor_parallel():
+        model = nn.Linear(4, 2)
+        model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), init_device_mesh("cpu", (WORLD,)),
+                                                      [Shard(0)]))
+        return model
 
     messages = {}
-    late = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
-    mas = MAS(late)  # sharded after MAS was built: the importance pass refuses
-    fully_shard(late, mesh=init_device_mesh("cpu", (WORLD,)))
-    for kind, make in [("fully_shard", lambda: MAS(fully_shard(nn.Linear(4, 2)))),
-                       ("fsdp1", lambda: MAS(FullyShardedDataParallel(nn.Linear(4, 2),
+    for kind, make in [("fsdp1", lambda: MAS(FullyShardedDataParallel(nn.Linear(4, 2),
                                                                       device_id=torch.device("cpu")))),
-                       ("late", lambda: mas.consolidate([torch.randn(3, 4)], progress=False))]:
+                       ("tensor_parallel", lambda: MAS(tensor_parallel()))]:
         try:
             make()
             messages[kind] = None
@@ -265,11 +269,11 @@ def test_state_names_have_no_module_prefix_and_load_either_way(ranks):
         assert torch.equal(wrapped.importance[n], v)
 
 
-@pytest.mark.parametrize("kind", ["fully_shard", "fsdp1", "late"])
-def test_sharded_parameters_are_refused_clearly(ranks, kind):
+@pytest.mark.parametrize("kind, expected", [("fsdp1", "fully_shard"), ("tensor_parallel", "weight")])
+def test_unsupported_sharding_is_refused_clearly(ranks, kind, expected):
     message = ranks[0]["sharded"][kind]
     assert message is not None, f"MAS accepted {kind} parameters"
-    assert "sharded parameters" in message and "DistributedDataParallel" in message
+    assert expected in message and "FSDP" in message
 
 
 def assert_same_refusal_on_every_rank(ranks, case, expected):
