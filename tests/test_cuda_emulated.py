@@ -177,7 +177,8 @@ def clones(tensors):
     dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
     dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=True),
     dict(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True, maximize=False),
-], ids=["plain", "momentum-wd-maximize", "nesterov"])
+    dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=True, penalty_step="proximal"),
+], ids=["plain", "momentum-wd-maximize", "nesterov", "proximal-momentum-wd-maximize"])
 @OFFSETS
 def test_sgd_steps(emu, dtype, options, offset):
     params, grads, kernel_terms, ref_terms = optimizer_terms(dtype, offset)
@@ -197,7 +198,8 @@ def test_sgd_steps(emu, dtype, options, offset):
 @pytest.mark.parametrize("options", [
     dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=False, maximize=False),
     dict(weight_decay=0.01, decoupled_weight_decay=False, amsgrad=True, maximize=True),
-], ids=["adamw", "adam-amsgrad-maximize"])
+    dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True, maximize=False, penalty_step="proximal"),
+], ids=["adamw", "adam-amsgrad-maximize", "proximal-adamw-amsgrad"])
 @OFFSETS
 def test_adam_steps(emu, dtype, options, offset):
     params, grads, kernel_terms, ref_terms = optimizer_terms(dtype, offset)

@@ -1,4 +1,5 @@
-// Fused SGD / Adam(W) steps with the MAS penalty gradient 2λΩ(θ−θ*) folded into the gradient:
+// Fused SGD / Adam(W) steps with the MAS penalty: its gradient 2λΩ(θ−θ*) folded into the
+// gradient, or (proximal) its proximal map applied to the loss-only step (mas_fast_kernels.h);
 // one pass reads θ, g, the optimizer state, θ* and Ω and writes θ and the state. Arithmetic is
 // in the accumulation type (fp32 for bf16/fp16 parameters, rounded once when stored), in
 // torch.optim's foreach order of operations, so fp32 trajectories agree with torch.optim +
@@ -16,15 +17,22 @@ namespace {
 // Per-call coefficients in the arithmetic type.
 template <typename A>
 struct SgdCoeffs {
-  A two_lam, lr, wd, momentum, keep;  // keep = 1 − dampening
+  A two_lam, lr, wd, momentum, keep, lr_two_lam;  // keep = 1 − dampening, lr_two_lam = lr·2λ
   bool maximize, has_wd, nesterov, init_buffers;
 };
 
 template <typename A>
 struct AdamCoeffs {
-  A two_lam, wd, eps, w1, beta2, w2, decay;  // w1 = 1 − β1, w2 = 1 − β2, decay = 1 − lr·wd
+  A two_lam, wd, eps, w1, beta2, w2, decay, lr_two_lam;  // w1 = 1 − β1, w2 = 1 − β2, decay = 1 − lr·wd
   bool maximize, l2, decoupled, small_w1;
 };
+
+// θ* + (θ' − θ*) / (1 + 2·lr·λΩ): the penalty's proximal map at the loss-only step θ', around θ*
+// so that an infinite 2·lr·λΩ gives θ*.
+template <typename A>
+inline A proximal(A stepped, A star, A omega, A lr_two_lam) {
+  return star + (stepped - star) / (A(1) + lr_two_lam * omega);
+}
 
 // torch's lerp: start + w·(end − start) for |w| < 0.5, else end − (end − start)·(1 − w).
 template <typename A>
@@ -38,20 +46,32 @@ inline A lerp(A start, A end, A w, bool small_weight) {
 // from 9 arrays at once and runs ~3× slower (measured on AMD EPYC); the buffer stays in L1.
 constexpr int64_t kBlock = 512;
 
-// buf[i − begin] = g + 2λΩ(θ−θ*) (plain g without penalty) over [begin, end); returns ΣΩ(θ−θ*)².
-template <bool kPenalty, typename T, typename A>
+// buf[i − begin] = g + 2λΩ(θ−θ*) (kFold; else plain g) over [begin, end); returns ΣΩ(θ−θ*)²
+// (0 without kPenalty).
+template <bool kPenalty, bool kFold, typename T, typename A>
 double penalised_grads(const T* __restrict__ p, const T* __restrict__ g, const A* __restrict__ ts,
                        const A* __restrict__ om, int64_t begin, int64_t end, A two_lam, A* __restrict__ buf) {
   if constexpr (kPenalty) {
     return lane_sum(begin, end, [&](int64_t i) {
       const A o = om[i], pv = load(p, i);
-      buf[i - begin] = load(g, i) + two_lam * o * (pv - ts[i]);  // in A, as reference.py's step
+      if constexpr (kFold)
+        buf[i - begin] = load(g, i) + two_lam * o * (pv - ts[i]);  // in A, as reference.py's step
+      else
+        buf[i - begin] = load(g, i);
       return penalty_term(diff(pv, ts[i]), o);
     });
   } else {
     for (int64_t i = begin; i < end; ++i) buf[i - begin] = load(g, i);
     return 0.0;
   }
+}
+
+// Calls f(penalty, proximal) with both as compile-time flags; proximal only with a penalty.
+template <typename F>
+auto with_penalty_mode(bool penalty, bool proximal, F&& f) {
+  return with_flag(penalty, [&](auto has_penalty) {
+    return with_flag(has_penalty && proximal, [&](auto prox) { return f(has_penalty, prox); });
+  });
 }
 
 // Calls f(block_begin, block_end, gradient_buffer) over [begin, end); returns the sum of its results.
@@ -65,10 +85,11 @@ double over_blocks(int64_t begin, int64_t end, F&& f) {
 
 // The updates below vectorise because the pointers are __restrict__ (GCC gives up on runtime
 // aliasing checks beyond 10 pointer pairs), the coefficients a by-value local, and the flags
-// that decide whether an array is touched template parameters.
-template <bool kMomentum, typename T, typename A>
-void sgd_update(T* __restrict__ p, const A* __restrict__ grads, T* __restrict__ buf, int64_t begin, int64_t end,
-                const SgdCoeffs<A> k) {
+// that decide whether an array is touched template parameters. kProximal: θ*/Ω are read again
+// (from L1: the block was just read by penalised_grads) for the proximal map.
+template <bool kMomentum, bool kProximal, typename T, typename A>
+void sgd_update(T* __restrict__ p, const A* __restrict__ grads, T* __restrict__ buf, const A* __restrict__ ts,
+                const A* __restrict__ om, int64_t begin, int64_t end, const SgdCoeffs<A> k) {
   for (int64_t i = begin; i < end; ++i) {
     const A pv = load(p, i);
     A grad = grads[i - begin];
@@ -79,14 +100,18 @@ void sgd_update(T* __restrict__ p, const A* __restrict__ grads, T* __restrict__ 
       store(buf, i, b);
       grad = k.nesterov ? grad + k.momentum * b : b;
     }
-    store(p, i, pv + (-k.lr) * grad);
+    const A stepped = pv + (-k.lr) * grad;
+    if constexpr (kProximal)
+      store(p, i, proximal(stepped, ts[i], om[i], k.lr_two_lam));
+    else
+      store(p, i, stepped);
   }
 }
 
-template <bool kAmsgrad, typename T, typename A>
+template <bool kAmsgrad, bool kProximal, typename T, typename A>
 void adam_update(T* __restrict__ p, const A* __restrict__ grads, T* __restrict__ m, T* __restrict__ v,
-                 T* __restrict__ vmax, int64_t begin, int64_t end, const AdamCoeffs<A> k, const A neg_step,
-                 const A bc2_sqrt) {
+                 T* __restrict__ vmax, const A* __restrict__ ts, const A* __restrict__ om, int64_t begin,
+                 int64_t end, const AdamCoeffs<A> k, const A neg_step, const A bc2_sqrt) {
   for (int64_t i = begin; i < end; ++i) {
     A pv = load(p, i);
     A grad = grads[i - begin];
@@ -103,7 +128,11 @@ void adam_update(T* __restrict__ p, const A* __restrict__ grads, T* __restrict__
       store(vmax, i, vv);
     }
     const A denom = std::sqrt(vv) / bc2_sqrt + k.eps;
-    store(p, i, pv + neg_step * mv / denom);
+    const A stepped = pv + neg_step * mv / denom;
+    if constexpr (kProximal)
+      store(p, i, proximal(stepped, ts[i], om[i], k.lr_two_lam));
+    else
+      store(p, i, stepped);
   }
 }
 
@@ -114,9 +143,11 @@ double sgd_step(DType dtype, const TensorLists& t, void* const* momentum_buffers
   const double sum = dispatch_dtype(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     using A = acc_t<T>;
-    const SgdCoeffs<A> k{A(2.0 * c.lam), A(c.lr), A(c.weight_decay), A(c.momentum), A(1.0 - c.dampening),
-                         c.maximize,     c.weight_decay != 0,        c.nesterov,    c.init_buffers};
-    return with_flag(t.theta_star != nullptr, [&](auto penalty) {
+    const SgdCoeffs<A> k{A(2.0 * c.lam),         A(c.lr),      A(c.weight_decay),
+                         A(c.momentum),          A(1.0 - c.dampening), A(c.lr * 2.0 * c.lam),
+                         c.maximize,             c.weight_decay != 0,  c.nesterov,
+                         c.init_buffers};
+    return with_penalty_mode(t.theta_star != nullptr, c.proximal, [&](auto penalty, auto prox) {
       return with_flag(c.momentum != 0, [&](auto momentum) {
         return sum_over_chunks(t.n, t.numel, threads, [&](const Chunk& ch) {
           const int64_t i = ch.tensor;
@@ -126,8 +157,8 @@ double sgd_step(DType dtype, const TensorLists& t, void* const* momentum_buffers
           const A* ts = penalty ? ptr<A>(t.theta_star, i) : nullptr;
           const A* om = penalty ? ptr<A>(t.omega, i) : nullptr;
           return over_blocks<A>(ch.begin, ch.end, [&](int64_t b, int64_t e, A* grads) {
-            const double sum = penalised_grads<penalty>(p, g, ts, om, b, e, k.two_lam, grads);
-            sgd_update<momentum>(p, grads, buf, b, e, k);
+            const double sum = penalised_grads<penalty, !prox>(p, g, ts, om, b, e, k.two_lam, grads);
+            sgd_update<momentum, prox>(p, grads, buf, ts, om, b, e, k);
             return sum;
           });
         });
@@ -149,11 +180,12 @@ double adam_step(DType dtype, const TensorLists& t, void* const* exp_avgs, void*
                           A(c.beta2),
                           A(1.0 - c.beta2),
                           A(1.0 - c.lr * c.weight_decay),
+                          A(c.lr * 2.0 * c.lam),
                           c.maximize,
                           c.weight_decay != 0 && !c.decoupled_weight_decay,
                           c.weight_decay != 0 && c.decoupled_weight_decay,
                           std::abs(1.0 - c.beta1) < 0.5};
-    return with_flag(t.theta_star != nullptr, [&](auto penalty) {
+    return with_penalty_mode(t.theta_star != nullptr, c.proximal, [&](auto penalty, auto prox) {
       return with_flag(c.amsgrad, [&](auto amsgrad) {
         return sum_over_chunks(t.n, t.numel, threads, [&](const Chunk& ch) {
           const int64_t i = ch.tensor;
@@ -169,8 +201,8 @@ double adam_step(DType dtype, const TensorLists& t, void* const* exp_avgs, void*
           const A neg_step = A(-(c.lr / (1.0 - std::pow(c.beta1, step))));
           const A bc2_sqrt = A(std::sqrt(1.0 - std::pow(c.beta2, step)));
           return over_blocks<A>(ch.begin, ch.end, [&](int64_t b, int64_t e, A* grads) {
-            const double sum = penalised_grads<penalty>(p, g, ts, om, b, e, k.two_lam, grads);
-            adam_update<amsgrad>(p, grads, m, v, vmax, b, e, k, neg_step, bc2_sqrt);
+            const double sum = penalised_grads<penalty, !prox>(p, g, ts, om, b, e, k.two_lam, grads);
+            adam_update<amsgrad, prox>(p, grads, m, v, vmax, ts, om, b, e, k, neg_step, bc2_sqrt);
             return sum;
           });
         });
