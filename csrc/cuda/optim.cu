@@ -65,7 +65,7 @@ struct SgdOp {
           bf[j] = from_math<P, M>(b);
           g = nesterov ? g + momentum * b : b;
         }
-        th[j] = from_math<P, M>(finish(p - lr * g, star, st[j], om[j], lr_two_lam, proximal));
+        th[j] = from_math<P, M>(finish<M, S>(p - lr * g, star, st[j], om[j], lr_two_lam, proximal));
       }
       s.store(buf, bf);
       s.store(theta, th);
@@ -122,7 +122,7 @@ struct AdamOp {
           mx[j] = from_math<P, M>(v);
         }
         th[j] = from_math<P, M>(
-            finish(p - step_size * m / (sqrt(v) / bc2_sqrt + eps), star, st[j], om[j], lr_two_lam, proximal));
+            finish<M, S>(p - step_size * m / (sqrt(v) / bc2_sqrt + eps), star, st[j], om[j], lr_two_lam, proximal));
       }
       s.store(exp_avg, m1);
       s.store(exp_avg_sq, m2);
