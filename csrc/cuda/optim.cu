@@ -1,7 +1,8 @@
 // Fused SGD / Adam / AdamW steps with the MAS penalty folded into the gradient:
 // g ← g + 2λΩ(θ − θ*), then torch.optim's update, in one pass over the tensors the step
 // reads anyway; or (proximal) torch.optim's update on g alone, then the penalty's proximal map
-// θ ← θ* + (θ' − θ*) / (1 + 2·lr·λΩ) (mas_fast_kernels.h). Parameters MAS does not cover pass nullptr for θ*/Ω (a plain step).
+// θ ← θ* + (θ' − θ*) / (1 + 2·lr·λΩ) (mas_fast_kernels.h). Parameters MAS does not cover
+// pass nullptr for θ*/Ω (a plain step).
 // Math in fp32 (fp64 for fp64 parameters); optimizer state is stored in the parameter dtype,
 // like torch.optim. The penalty at the parameters before the step is reduced on the side.
 #include "cuda/kernels.h"
