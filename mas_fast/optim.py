@@ -62,6 +62,11 @@ class _MASOptimizer(torch.optim.Optimizer):
         first = next((p for group in self.param_groups for p in group["params"]), None)
         self._last_penalty = torch.zeros((), dtype=torch.float64, device=None if first is None else first.device)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch.optim's, checking a group's own `penalty_step` before it joins."""
+        check_penalty_step(param_group.get("penalty_step", self.defaults.get("penalty_step", "gradient")))
+        super().add_param_group(param_group)
+
     @property
     def last_penalty(self) -> Tensor:
         """λΣΩ(θ−θ*)² of the covered parameters stepped, at θ before the last step (float64;

@@ -189,3 +189,7 @@ def test_penalty_step_round_trips_in_the_state_dict_and_is_checked():
         optim.SGD(model.parameters(), penalty_step="implicit")
     with pytest.raises(ValueError, match="penalty_step must be one of"):
         SGDConfig(lr=0.1, penalty_step="prox")
+    with pytest.raises(ValueError, match="penalty_step must be one of"):
+        optim.Adam([{"params": model.parameters(), "penalty_step": "exact"}])
+    mixed = optim.SGD([{"params": [model.weight], "penalty_step": "proximal"}, {"params": [model.bias]}], lr=0.1)
+    assert [g["penalty_step"] for g in mixed.param_groups] == ["proximal", "gradient"]
