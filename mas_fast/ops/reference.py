@@ -225,8 +225,8 @@ def _proximal(stepped: Tensor, theta_star: Tensor, omega: Tensor, lr_two_lam: fl
 def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
               theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float, config: SGDConfig,
               init_buffers: bool) -> Tensor:
-    """torch.optim.SGD step with the MAS penalty folded in, in place on params and buffers
-    (see mas_fast.ops.sgd_step_)."""
+    """torch.optim.SGD step with the MAS penalty (folded into g, or proximal), in place on params
+    and buffers (see mas_fast.ops.sgd_step_); with prox the buffer holds the loss direction only."""
     lr, momentum, dampening = config.lr, config.momentum, config.dampening
     weight_decay, nesterov, maximize = config.weight_decay, config.nesterov, config.maximize
     prox = config.proximal and bool(theta_star)
@@ -250,8 +250,8 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
 def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
                theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float, config: AdamConfig) -> Tensor:
-    """torch.optim.Adam (AdamW: decoupled_weight_decay) step with the MAS penalty folded in, in
-    place on params and the state (see mas_fast.ops.adam_step_)."""
+    """torch.optim.Adam (AdamW: decoupled_weight_decay) step with the MAS penalty (folded into g,
+    or proximal after the update), in place on params and the state (see mas_fast.ops.adam_step_)."""
     lr, beta1, beta2, eps = config.lr, config.beta1, config.beta2, config.eps
     weight_decay, decoupled_weight_decay = config.weight_decay, config.decoupled_weight_decay
     amsgrad, maximize = config.amsgrad, config.maximize
