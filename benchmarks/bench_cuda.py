@@ -7,9 +7,12 @@ fp32, θ* = θ + noise, Ω ≥ 0, gradients present. Groups (one baseline each, 
   per parameter (the bandwidth roof).
 - adamw: torch.optim.AdamW(fused=True) without penalty (baseline), the same plus the
   autograd penalty, and mas_fast.optim.AdamW with the penalty folded in ("cuda", "triton"
-  where it implements the step).
+  where it implements the step), explicit and with penalty_step="proximal".
+- sgd: mas_fast.optim.SGD (momentum 0.9) on "cuda" (baseline: explicit) and "triton",
+  explicit and proximal.
 `test_bars` checks: penalty_and_grad_ ≥ 0.85 of copy_'s bandwidth and ≥ 8× faster than the
-autograd form; fused AdamW+MAS ≤ 1.1× fused AdamW without penalty. Rows that stream a known
+autograd form; fused AdamW+MAS ≤ 1.1× fused AdamW without penalty; the proximal step ≤ 1.05×
+the explicit one (AdamW and SGD, per backend). Rows that stream a known
 number of bytes carry gb_per_s. Byte count matters for the AdamW bar: torch's fused step
 moves 28 bytes per fp32 parameter (reads θ, g, m, v; writes θ, m, v), the step with MAS 36
 (θ* and Ω too), so at equal bandwidth the fused step takes 36/28 ≈ 1.29× as long: a ratio
@@ -31,7 +34,8 @@ LAYERS = 6
 LAM = 0.5
 BYTES_PER_PARAM = 20  # penalty_and_grad_: reads θ, θ*, Ω, g; writes g
 # fp32 bytes per parameter of a step: torch's fused AdamW, and with MAS's θ* and Ω read too
-ADAMW_BYTES = {"torch AdamW(fused) no penalty": 28, "AdamW+MAS": 36}
+ADAMW_BYTES = {"torch AdamW(fused) no penalty": 28, "AdamW+MAS": 36, "AdamW+MAS proximal": 36}
+PENALTY_STEPS = ("gradient", "proximal")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 
 
@@ -143,11 +147,27 @@ def test_adamw_fused_autograd_penalty(benchmark):
     _record("adamw", "torch AdamW(fused) + autograd penalty", _adamw_torch(benchmark, True))
 
 
+def _step_name(backend: str, optimizer: str, penalty_step: str) -> str:
+    return f"{backend} {optimizer}+MAS" + (" proximal" if penalty_step == "proximal" else "")
+
+
+@pytest.mark.parametrize("penalty_step", PENALTY_STEPS)
 @pytest.mark.parametrize("backend", _backends("adam_step_"))
-def test_adamw_mas(benchmark, backend):
+def test_adamw_mas(benchmark, backend, penalty_step):
     model, mas = setup_state()
-    opt = optim.AdamW(model.parameters(), lr=1e-4, regularizer=mas, backend=backend)
-    _record("adamw", f"{backend} AdamW+MAS", measure(benchmark, opt.step, DEVICE, rounds=10))
+    opt = optim.AdamW(model.parameters(), lr=1e-4, regularizer=mas, backend=backend, penalty_step=penalty_step)
+    _record("adamw", _step_name(backend, "AdamW", penalty_step), measure(benchmark, opt.step, DEVICE, rounds=10))
+
+
+@pytest.mark.parametrize("penalty_step", PENALTY_STEPS)
+@pytest.mark.parametrize("backend", _backends("sgd_step_"))
+def test_sgd_mas(benchmark, backend, penalty_step):
+    model, mas = setup_state()
+    opt = optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, regularizer=mas, backend=backend,
+                    penalty_step=penalty_step)
+    opt.step()  # momentum buffers exist before timing
+    name = _step_name(backend, "SGD", penalty_step)
+    _record("sgd", name, measure(benchmark, opt.step, DEVICE, rounds=10), baseline=name == "cuda SGD+MAS")
 
 
 def _seconds(group: str, name: str) -> float:
@@ -169,3 +189,7 @@ def test_bars(backend):
         bytes_ratio = ADAMW_BYTES["AdamW+MAS"] / ADAMW_BYTES["torch AdamW(fused) no penalty"]
         assert ratio <= 1.1, (f"fused AdamW+MAS is {ratio:.2f}× fused AdamW without penalty; it moves "
                               f"{bytes_ratio:.2f}× the bytes, so its bandwidth is {bytes_ratio / ratio:.2f}× torch's")
+    for group, optimizer in (("adamw", "AdamW"), ("sgd", "SGD")):
+        proximal = _seconds(group, _step_name(backend, optimizer, "proximal"))
+        ratio = proximal / _seconds(group, _step_name(backend, optimizer, "gradient"))
+        assert ratio <= 1.05, f"{backend} {optimizer}: the proximal step is {ratio:.3f}× the explicit one"

@@ -6,9 +6,12 @@ holding θ* and Ω for every parameter). Rows per size:
 - fused AdamW+MAS: mas_fast.optim.AdamW(regularizer=mas).step() (cpp backend), penalty folded in;
 - torch AdamW + autograd penalty: `(mas.penalty() in the loss).backward()` on the reference
   (autograd) backend, then torch's step — what a user of torch.optim pays today.
+- fused AdamW+MAS proximal: the same with penalty_step="proximal" (the penalty's proximal map
+  after the loss-only Adam update).
 Each size runs with 1 thread and with all cores (see bench_penalty.py). `test_goals` checks
 issue 4's bars on this run's rows: fused ≤ 1.15× the penalty-free torch step, and ≥ 2.5×
-faster than torch AdamW + autograd penalty.
+faster than torch AdamW + autograd penalty; `test_proximal_goal`: the proximal fused step
+≤ 1.05× the explicit one. `test_sgd_step` times fused SGD (momentum 0.9) explicit and proximal.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from mas_fast import MAS, ops, optim
 SUITE = "optim"
 LAM = 0.5
 LR = 1e-4  # small: parameters stay near θ* over the timed steps
-METHODS = ("torch AdamW", "fused AdamW+MAS", "torch AdamW + autograd penalty")
+METHODS = ("torch AdamW", "fused AdamW+MAS", "torch AdamW + autograd penalty", "fused AdamW+MAS proximal")
+SGD_METHODS = ("fused SGD+MAS", "fused SGD+MAS proximal")
 
 
 class Params(nn.Module):
@@ -57,8 +61,9 @@ def test_adamw_step(benchmark, size, threads, method):
     backend = "reference" if method == "torch AdamW + autograd penalty" else "cpp"
     mas = MAS(model, lambda_=LAM, backend=backend)
     mas.load_state_dict(state)
-    if method == "fused AdamW+MAS":
-        opt = optim.AdamW(model.parameters(), lr=LR, regularizer=mas)
+    if method.startswith("fused AdamW+MAS"):
+        penalty_step = "proximal" if method.endswith("proximal") else "gradient"
+        opt = optim.AdamW(model.parameters(), lr=LR, regularizer=mas, penalty_step=penalty_step)
         step = opt.step
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=LR, foreach=True)
@@ -75,6 +80,36 @@ def test_adamw_step(benchmark, size, threads, method):
            threads=threads)
     del opt, mas
     gc.collect()
+
+
+@pytest.mark.skipif(ops.backend_status()["cpp"] is not None, reason=str(ops.backend_status()["cpp"]))
+@pytest.mark.parametrize("size,threads,method", [(s, t, m) for s in SIZES for t in THREADS for m in SGD_METHODS])
+def test_sgd_step(benchmark, size, threads, method):
+    model, state = task(size)
+    mas = MAS(model, lambda_=LAM, backend="cpp")
+    mas.load_state_dict(state)
+    penalty_step = "proximal" if method.endswith("proximal") else "gradient"
+    opt = optim.SGD(model.parameters(), lr=LR, momentum=0.9, regularizer=mas, penalty_step=penalty_step)
+    opt.step()  # the momentum buffers exist before timing
+    n = sum(p.numel() for p in model.parameters())
+    rounds, warmup = rounds_for(size, slow=False)
+    seconds = with_threads(threads, lambda: measure(benchmark, opt.step, rounds=rounds, warmup=warmup))
+    record(SUITE, "SGD " + group(size, threads), method, seconds, "cpu", baseline=method == "fused SGD+MAS",
+           params=n, threads=threads)
+    del opt, mas
+    gc.collect()
+
+
+def test_proximal_goal():
+    """The proximal fused step costs ≤ 1.05× the explicit one (AdamW and SGD, same run)."""
+    failures = []
+    for explicit, proximal in (("fused AdamW+MAS", "fused AdamW+MAS proximal"), SGD_METHODS):
+        for name, t in timings(SUITE, (explicit, proximal)).items():
+            ratio = t[proximal] / t[explicit]
+            print(f"{name}: {proximal} = {ratio:.3f}× {explicit}")
+            if ratio > 1.05:
+                failures.append(f"{name}: {proximal} {ratio:.3f}× {explicit} (goal ≤ 1.05)")
+    assert not failures, "; ".join(failures)
 
 
 def test_goals():

@@ -28,17 +28,22 @@ struct TensorLists {
   void* const* omega = nullptr;       // Ω
 };
 
-// SGD on g + 2λΩ(θ−θ*) in torch.optim's foreach order of operations.
+// How the penalty enters a step (mas_fast/ops/optim_config.py): `proximal` false, the step on
+// g + 2λΩ(θ−θ*); true, the step on g alone gives θ', then θ ← θ* + (θ'−θ*) / (1 + 2·lr·λΩ)
+// (the optimizer state sees g only). Ignored without θ*.
+
+// SGD in torch.optim's foreach order of operations.
 struct SgdConfig {
   double lam, lr, momentum, dampening, weight_decay;
   bool nesterov, maximize;
   bool init_buffers;  // first step: buffer ← g (torch.optim's clone of the gradient)
+  bool proximal;
 };
 
-// Adam / AdamW on g + 2λΩ(θ−θ*); bias corrections from `steps`.
+// Adam / AdamW; bias corrections from `steps`.
 struct AdamConfig {
   double lam, lr, beta1, beta2, eps, weight_decay;
-  bool decoupled_weight_decay, amsgrad, maximize;
+  bool decoupled_weight_decay, amsgrad, maximize, proximal;
   // Per tensor: torch.optim's step count after incrementing. The CUDA kernels take one step
   // count per call (steps[0]); cuda/register.cpp groups the tensors by step.
   const double* steps;

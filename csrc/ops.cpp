@@ -25,10 +25,10 @@ TORCH_LIBRARY(mas_fast, m) {
         "int batch_count) -> ()");
   m.def("sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor[] theta_star, "
         "Tensor[] omega, float lam, float lr, float momentum, float dampening, float weight_decay, "
-        "bool nesterov, bool maximize, bool init_buffers) -> Tensor");
+        "bool nesterov, bool maximize, bool init_buffers, bool proximal=False) -> Tensor");
   m.def("adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor[] theta_star, Tensor[] omega, float lam, "
         "float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
-        "bool amsgrad, bool maximize) -> Tensor");
+        "bool amsgrad, bool maximize, bool proximal=False) -> Tensor");
   m.def("per_sample_abs_sum(Tensor delta, Tensor? scale) -> Tensor");
 }

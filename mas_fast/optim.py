@@ -14,6 +14,13 @@ multi-tensor kernel reads θ, g, the state, θ* and Ω once ("cpp" backend on CP
 twin anywhere). Arguments are torch.optim's, minus the implementation switches (foreach,
 fused, capturable, differentiable); the state and state_dict have torch.optim's layout, so
 state_dicts load into each other.
+
+`penalty_step="proximal"` (any optimizer) applies the penalty by its proximal map instead:
+the step on the loss gradient alone gives θ', then θ ← θ* + (θ' − θ*) / (1 + 2·lr·λΩ), the
+exact minimiser of λΩ(θ−θ*)² + (θ−θ')²/(2·lr). It is stable for any λΩ (the explicit SGD
+step diverges once 2·lr·λΩ > 2) and, under Adam, its strength does not depend on the second
+moment of the loss gradient; the optimizer state (momentum buffer, Adam moments) holds the
+loss gradient's history only. See docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from . import ops
+from .ops.optim_config import check_penalty_step
 from .sharding import on_local_shards, split_by_sharding, sum_over_ranks
 from .regularizer import MAS
 
@@ -54,6 +62,11 @@ class _MASOptimizer(torch.optim.Optimizer):
         # device, so that recording it never waits for the GPU.
         first = next((p for group in self.param_groups for p in group["params"]), None)
         self._last_penalty = torch.zeros((), dtype=torch.float64, device=None if first is None else first.device)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch.optim's, checking a group's own `penalty_step` before it joins."""
+        check_penalty_step(param_group.get("penalty_step", self.defaults.get("penalty_step", "gradient")))
+        super().add_param_group(param_group)
 
     @property
     def last_penalty(self) -> Tensor:
@@ -115,19 +128,24 @@ class SGD(_MASOptimizer):
     """torch.optim.SGD (momentum, dampening, nesterov, weight_decay, maximize) + MAS penalty.
 
     Args: as torch.optim.SGD, plus `regularizer` (a mas_fast.MAS whose penalty is folded in,
-    or None for a plain SGD) and `backend` (default: the regularizer's, else "auto").
+    or None for a plain SGD), `penalty_step` ("gradient": the step on g + 2λΩ(θ−θ*), equal to
+    `loss + mas.penalty()`; "proximal": θ ← θ* + (θ' − θ*) / (1 + 2·lr·λΩ) after the loss-only
+    step θ', the momentum buffer holding the loss direction only) and `backend` (default: the
+    regularizer's, else "auto").
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
-                 regularizer: Optional[MAS] = None, backend: Optional[str] = None) -> None:
+                 regularizer: Optional[MAS] = None, penalty_step: str = "gradient",
+                 backend: Optional[str] = None) -> None:
         for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
                             ("weight_decay", weight_decay)):
             _check_number(name, value)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum requires momentum > 0 and dampening 0")
+        check_penalty_step(penalty_step)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=bool(nesterov), maximize=bool(maximize))
+                        nesterov=bool(nesterov), maximize=bool(maximize), penalty_step=penalty_step)
         super().__init__(params, defaults, regularizer, backend)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -135,11 +153,12 @@ class SGD(_MASOptimizer):
         for group in self.param_groups:  # state_dicts of older torch.optim versions
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
+            group.setdefault("penalty_step", "gradient")
 
     def _step_tensors(self, group, params, grads, theta_star, omega, lam):
         config = ops.SGDConfig(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                                weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                               maximize=group["maximize"])
+                               maximize=group["maximize"], penalty_step=group["penalty_step"])
         if config.momentum == 0:
             return [on_local_shards(ops.sgd_step_)(params, grads, [], theta_star, omega, lam, config,
                                                    backend=self.backend)]
@@ -165,21 +184,26 @@ class SGD(_MASOptimizer):
 class Adam(_MASOptimizer):
     """torch.optim.Adam (amsgrad, weight_decay, decoupled_weight_decay, maximize) + MAS penalty.
 
-    Args: as torch.optim.Adam, plus `regularizer` and `backend` (see SGD).
+    Args: as torch.optim.Adam, plus `regularizer`, `penalty_step` and `backend` (see SGD). With
+    "proximal", the moments see the loss gradient only and the penalty's proximal map follows
+    the Adam update, decoupled from it as AdamW decouples weight decay.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
                  maximize: bool = False, decoupled_weight_decay: bool = False,
-                 regularizer: Optional[MAS] = None, backend: Optional[str] = None) -> None:
+                 regularizer: Optional[MAS] = None, penalty_step: str = "gradient",
+                 backend: Optional[str] = None) -> None:
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
             _check_number(name, value)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         _check_number("betas[0]", betas[0], high=1.0)
         _check_number("betas[1]", betas[1], high=1.0)
+        check_penalty_step(penalty_step)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
-                        maximize=bool(maximize), decoupled_weight_decay=bool(decoupled_weight_decay))
+                        maximize=bool(maximize), decoupled_weight_decay=bool(decoupled_weight_decay),
+                        penalty_step=penalty_step)
         super().__init__(params, defaults, regularizer, backend)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -188,6 +212,7 @@ class Adam(_MASOptimizer):
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
             group.setdefault("decoupled_weight_decay", isinstance(self, AdamW))
+            group.setdefault("penalty_step", "gradient")
             for p in group["params"]:
                 s = self.state.get(p, {})
                 if s and not torch.is_tensor(s["step"]):
@@ -213,21 +238,22 @@ class Adam(_MASOptimizer):
             theta_star, omega, lam, ops.AdamConfig(
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=amsgrad,
-                maximize=group["maximize"]), backend=self.backend)]
+                maximize=group["maximize"], penalty_step=group["penalty_step"]), backend=self.backend)]
 
 
 class AdamW(Adam):
     """torch.optim.AdamW (decoupled weight decay, default 1e-2) + MAS penalty.
 
-    Args: as torch.optim.AdamW, plus `regularizer` and `backend` (see SGD).
+    Args: as torch.optim.AdamW, plus `regularizer`, `penalty_step` and `backend` (see SGD, Adam).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False, regularizer: Optional[MAS] = None,
+                 maximize: bool = False, regularizer: Optional[MAS] = None, penalty_step: str = "gradient",
                  backend: Optional[str] = None) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True, regularizer=regularizer, backend=backend)
+                         decoupled_weight_decay=True, regularizer=regularizer, penalty_step=penalty_step,
+                         backend=backend)
 
 
 def _step_dtype() -> torch.dtype:

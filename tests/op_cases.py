@@ -320,7 +320,9 @@ def _penalty_and_grad_brute(args) -> Expected:
             *((_d(g) + step, dt) for g, (step, dt) in zip(grads, steps))]
 
 
-# sgd_step_ / adam_step_: one torch.optim step on g + 2λΩ(θ−θ*), in place; returns the penalty
+# sgd_step_ / adam_step_: one torch.optim step on g + 2λΩ(θ−θ*) ("gradient"), or on g alone then
+# the closed-form proximal update (θ' + 2ηλΩθ*) / (1 + 2ηλΩ) ("proximal"); in place; returns the
+# penalty before the step
 
 @st.composite
 def _step_tensors(draw, device, lim):
@@ -340,6 +342,10 @@ def _lams():
     return st.sampled_from([0.0, 1.0]) | st.floats(0, 100)
 
 
+def _penalty_steps():
+    return st.sampled_from(["gradient", "proximal"])
+
+
 @st.composite
 def _sgd_inputs(draw, device, lim):
     params, grads, stars, omegas = draw(_step_tensors(device, lim))
@@ -348,7 +354,7 @@ def _sgd_inputs(draw, device, lim):
     config = SGDConfig(lr=draw(st.floats(1e-4, 1.0)), momentum=momentum, dampening=dampening,
                        weight_decay=draw(st.sampled_from([0.0]) | st.floats(0, 0.1)),
                        nesterov=momentum > 0 and dampening == 0 and draw(st.booleans()),
-                       maximize=draw(st.booleans()))
+                       maximize=draw(st.booleans()), penalty_step=draw(_penalty_steps()))
     hyper = dict(lam=draw(_lams()), config=config, init_buffers=momentum > 0 and draw(st.booleans()))
     bufs = [draw(tensors(p.shape, p.dtype, device, writable=True)) for p in params] if momentum else []
     return params, grads, bufs, stars, omegas, hyper
@@ -361,11 +367,14 @@ def _sgd_run(fn, args) -> list[Tensor]:
     return [value, *params, *bufs]
 
 
-def _optim_oracle(params, grads, stars, omegas, lam, make_optimizer, state) -> tuple[list, object]:
-    """float64 copies of the parameters after one real torch.optim step on g + 2λΩ(θ−θ*)."""
+def _optim_oracle(params, grads, stars, omegas, lam, make_optimizer, state, config) -> tuple[list, object]:
+    """float64 copies of the parameters after one real torch.optim step on g + 2λΩ(θ−θ*), or
+    (proximal) on g alone followed by θ ← (θ' + 2ηλΩθ*) / (1 + 2ηλΩ)."""
+    proximal = config.penalty_step == "proximal" and bool(stars)
     leaves = [torch.nn.Parameter(_d(p).clone()) for p in params]
     for i, (leaf, g) in enumerate(zip(leaves, grads)):
-        leaf.grad = _d(g) + (2 * lam * _d(omegas[i]) * (_d(params[i]) - _d(stars[i])) if stars else 0)
+        folded = stars and not proximal
+        leaf.grad = _d(g) + (2 * lam * _d(omegas[i]) * (_d(params[i]) - _d(stars[i])) if folded else 0)
     if not leaves:
         return leaves, None
     opt = make_optimizer(leaves)
@@ -373,6 +382,11 @@ def _optim_oracle(params, grads, stars, omegas, lam, make_optimizer, state) -> t
         if st_:
             opt.state[leaf] = st_
     opt.step()
+    if proximal:
+        with torch.no_grad():
+            for leaf, t, o in zip(leaves, stars, omegas):
+                c = 2 * config.lr * lam * _d(o)
+                leaf.copy_((leaf + c * _d(t)) / (1 + c))
     return leaves, opt
 
 
@@ -387,7 +401,7 @@ def _sgd_brute(args) -> Expected:
                    weight_decay=c.weight_decay, nesterov=c.nesterov, maximize=c.maximize, foreach=False)
     state = [{"momentum_buffer": _d(b).clone()} if c.momentum and not h["init_buffers"] else {}
              for b in (bufs or params)]
-    leaves, opt = _optim_oracle(params, grads, stars, omegas, h["lam"], make, state)
+    leaves, opt = _optim_oracle(params, grads, stars, omegas, h["lam"], make, state, c)
     new_bufs = [(opt.state[leaf]["momentum_buffer"].detach(), b.dtype) for leaf, b in zip(leaves, bufs)]
     return [_step_value(params, stars, omegas, h["lam"]),
             *((leaf.detach(), p.dtype) for leaf, p in zip(leaves, params)), *new_bufs]
@@ -400,7 +414,8 @@ def _adam_inputs(draw, device, lim):
     config = AdamConfig(lr=draw(st.floats(1e-4, 0.1)), beta1=draw(st.floats(0, 0.99)),
                         beta2=draw(st.floats(0.5, 0.9999)), eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])),
                         weight_decay=draw(st.sampled_from([0.0]) | st.floats(0, 0.1)),
-                        decoupled_weight_decay=draw(st.booleans()), amsgrad=amsgrad, maximize=draw(st.booleans()))
+                        decoupled_weight_decay=draw(st.booleans()), amsgrad=amsgrad, maximize=draw(st.booleans()),
+                        penalty_step=draw(_penalty_steps()))
     hyper = dict(lam=draw(_lams()), config=config)
     exp_avgs = [draw(tensors(p.shape, p.dtype, device, scale=0.1, writable=True)) for p in params]
     exp_avg_sqs = [draw(tensors(p.shape, p.dtype, device, kind="positive", scale=0.01, writable=True))
@@ -427,7 +442,7 @@ def _adam_brute(args) -> Expected:
     state = [{"step": s.detach().clone().cpu(), "exp_avg": _d(m).clone(), "exp_avg_sq": _d(v).clone(),
               **({"max_exp_avg_sq": _d(maxes[i]).clone()} if c.amsgrad else {})}
              for i, (s, m, v) in enumerate(zip(steps, exp_avgs, exp_avg_sqs))]
-    leaves, opt = _optim_oracle(params, grads, stars, omegas, h["lam"], make, state)
+    leaves, opt = _optim_oracle(params, grads, stars, omegas, h["lam"], make, state, c)
     after = [opt.state[leaf] for leaf in leaves]
     return [_step_value(params, stars, omegas, h["lam"]),
             *((leaf.detach(), p.dtype) for leaf, p in zip(leaves, params)),

@@ -217,6 +217,17 @@ def test_adam_steps(emu, dtype, options, offset):
         assert_close(a, b, dtype)
 
 
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+def test_proximal_steps(emu, dtype):
+    """penalty_step="proximal" at the launch boundaries, 128-bit path (the random-input test
+    above covers the other offsets): SGD with momentum, weight decay and maximize; AdamW with
+    amsgrad; three steps each, as the explicit cases above."""
+    test_sgd_steps(emu, dtype, dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=True,
+                                    penalty_step="proximal"), "aligned")
+    test_adam_steps(emu, dtype, dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True, maximize=False,
+                                     penalty_step="proximal"), "aligned")
+
+
 # --------------------------------------------------------------------------- importance epilogue
 
 

@@ -1,4 +1,5 @@
-// Fused SGD / Adam(W) steps with the MAS penalty gradient 2λΩ(θ−θ*) folded into the gradient:
+// Fused SGD / Adam(W) steps with the MAS penalty: its gradient 2λΩ(θ−θ*) folded into the
+// gradient, or (proximal) its proximal map applied to the loss-only step (mas_fast_kernels.h);
 // one pass reads θ, g, the optimizer state, θ* and Ω and writes θ and the state. Arithmetic is
 // in the accumulation type (fp32 for bf16/fp16 parameters, rounded once when stored), in
 // torch.optim's foreach order of operations, so fp32 trajectories agree with torch.optim +
@@ -16,13 +17,13 @@ namespace {
 // Per-call coefficients in the arithmetic type.
 template <typename A>
 struct SgdCoeffs {
-  A two_lam, lr, wd, momentum, keep;  // keep = 1 − dampening
+  A two_lam, lr, wd, momentum, keep, lr_two_lam;  // keep = 1 − dampening, lr_two_lam = lr·2λ
   bool maximize, has_wd, nesterov, init_buffers;
 };
 
 template <typename A>
 struct AdamCoeffs {
-  A two_lam, wd, eps, w1, beta2, w2, decay;  // w1 = 1 − β1, w2 = 1 − β2, decay = 1 − lr·wd
+  A two_lam, wd, eps, w1, beta2, w2, decay, lr_two_lam;  // w1 = 1 − β1, w2 = 1 − β2, decay = 1 − lr·wd
   bool maximize, l2, decoupled, small_w1;
 };
 
@@ -36,16 +37,48 @@ inline A lerp(A start, A end, A w, bool small_weight) {
 // gradient g + 2λΩ(θ−θ*) of the block into a buffer (and sums the penalty), the second runs
 // the optimizer update from it. One loop touching all of θ, g, θ*, Ω and the state streams
 // from 9 arrays at once and runs ~3× slower (measured on AMD EPYC); the buffer stays in L1.
+// The proximal step keeps the plain g there, and θ* and 1 + 2·lr·λΩ in two more block rows
+// (kRows), so that its update loop too reads no more global arrays than the explicit one.
 constexpr int64_t kBlock = 512;
+constexpr int64_t kRows = 4;
+constexpr int64_t kStarRow = 1, kDenomRow = 2, kSteppedRow = 3;  // the proximal step's rows
 
-// buf[i − begin] = g + 2λΩ(θ−θ*) (plain g without penalty) over [begin, end); returns ΣΩ(θ−θ*)².
-template <bool kPenalty, typename T, typename A>
+// θ* + (θ' − θ*) / (1 + 2·lr·λΩ): the penalty's proximal map at the loss-only step θ', around θ*
+// so that an infinite 2·lr·λΩ gives θ*; star and denom are the block rows of penalised_grads.
+template <bool kProximal, typename A>
+inline A finish(A stepped, const A* __restrict__ block, int64_t j) {
+  if constexpr (kProximal) {
+    const A star = block[kStarRow * kBlock + j];
+    return star + (stepped - star) / block[kDenomRow * kBlock + j];
+  } else {
+    return stepped;
+  }
+}
+
+// θ ← finish(θ') over the block, θ' in its kSteppedRow (Adam's proximal step).
+template <typename T, typename A>
+void proximal_map(T* __restrict__ p, const A* __restrict__ block, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i)
+    store(p, i, finish<true>(block[kSteppedRow * kBlock + i - begin], block, i - begin));
+}
+
+// Per block [begin, end), returns ΣΩ(θ−θ*)² (0 without kPenalty) and writes buf[i − begin]:
+// g + 2λΩ(θ−θ*) (explicit; plain g without kPenalty), or (kProximal) plain g with θ* in row
+// kStarRow and 1 + 2·lr·λΩ in row kDenomRow.
+template <bool kPenalty, bool kProximal, typename T, typename A>
 double penalised_grads(const T* __restrict__ p, const T* __restrict__ g, const A* __restrict__ ts,
-                       const A* __restrict__ om, int64_t begin, int64_t end, A two_lam, A* __restrict__ buf) {
+                       const A* __restrict__ om, int64_t begin, int64_t end, A two_lam, A lr_two_lam,
+                       A* __restrict__ buf) {
   if constexpr (kPenalty) {
     return lane_sum(begin, end, [&](int64_t i) {
       const A o = om[i], pv = load(p, i);
-      buf[i - begin] = load(g, i) + two_lam * o * (pv - ts[i]);  // in A, as reference.py's step
+      if constexpr (kProximal) {
+        buf[i - begin] = load(g, i);
+        buf[kStarRow * kBlock + i - begin] = ts[i];
+        buf[kDenomRow * kBlock + i - begin] = A(1) + lr_two_lam * o;
+      } else {
+        buf[i - begin] = load(g, i) + two_lam * o * (pv - ts[i]);  // in A, as reference.py's step
+      }
       return penalty_term(diff(pv, ts[i]), o);
     });
   } else {
@@ -54,10 +87,18 @@ double penalised_grads(const T* __restrict__ p, const T* __restrict__ g, const A
   }
 }
 
+// Calls f(penalty, proximal) with both as compile-time flags; proximal only with a penalty.
+template <typename F>
+auto with_penalty_mode(bool penalty, bool proximal, F&& f) {
+  return with_flag(penalty, [&](auto has_penalty) {
+    return with_flag(has_penalty && proximal, [&](auto prox) { return f(has_penalty, prox); });
+  });
+}
+
 // Calls f(block_begin, block_end, gradient_buffer) over [begin, end); returns the sum of its results.
 template <typename A, typename F>
 double over_blocks(int64_t begin, int64_t end, F&& f) {
-  A buf[kBlock];
+  A buf[kRows * kBlock];
   double sum = 0.0;
   for (int64_t b = begin; b < end; b += kBlock) sum += f(b, b + kBlock < end ? b + kBlock : end, buf);
   return sum;
@@ -66,7 +107,7 @@ double over_blocks(int64_t begin, int64_t end, F&& f) {
 // The updates below vectorise because the pointers are __restrict__ (GCC gives up on runtime
 // aliasing checks beyond 10 pointer pairs), the coefficients a by-value local, and the flags
 // that decide whether an array is touched template parameters.
-template <bool kMomentum, typename T, typename A>
+template <bool kMomentum, bool kProximal, typename T, typename A>
 void sgd_update(T* __restrict__ p, const A* __restrict__ grads, T* __restrict__ buf, int64_t begin, int64_t end,
                 const SgdCoeffs<A> k) {
   for (int64_t i = begin; i < end; ++i) {
@@ -79,14 +120,16 @@ void sgd_update(T* __restrict__ p, const A* __restrict__ grads, T* __restrict__ 
       store(buf, i, b);
       grad = k.nesterov ? grad + k.momentum * b : b;
     }
-    store(p, i, pv + (-k.lr) * grad);
+    store(p, i, finish<kProximal>(pv + (-k.lr) * grad, grads, i - begin));
   }
 }
 
-template <bool kAmsgrad, typename T, typename A>
+// kProximal: θ' goes to `stepped` (the block's kSteppedRow) for proximal_map; the proximal map
+// inside this loop keeps GCC from vectorising it (measured: 2× slower).
+template <bool kAmsgrad, bool kProximal, typename T, typename A>
 void adam_update(T* __restrict__ p, const A* __restrict__ grads, T* __restrict__ m, T* __restrict__ v,
-                 T* __restrict__ vmax, int64_t begin, int64_t end, const AdamCoeffs<A> k, const A neg_step,
-                 const A bc2_sqrt) {
+                 T* __restrict__ vmax, A* __restrict__ stepped, int64_t begin, int64_t end, const AdamCoeffs<A> k,
+                 const A neg_step, const A bc2_sqrt) {
   for (int64_t i = begin; i < end; ++i) {
     A pv = load(p, i);
     A grad = grads[i - begin];
@@ -103,7 +146,10 @@ void adam_update(T* __restrict__ p, const A* __restrict__ grads, T* __restrict__
       store(vmax, i, vv);
     }
     const A denom = std::sqrt(vv) / bc2_sqrt + k.eps;
-    store(p, i, pv + neg_step * mv / denom);
+    if constexpr (kProximal)
+      stepped[i - begin] = pv + neg_step * mv / denom;
+    else
+      store(p, i, pv + neg_step * mv / denom);
   }
 }
 
@@ -114,9 +160,11 @@ double sgd_step(DType dtype, const TensorLists& t, void* const* momentum_buffers
   const double sum = dispatch_dtype(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     using A = acc_t<T>;
-    const SgdCoeffs<A> k{A(2.0 * c.lam), A(c.lr), A(c.weight_decay), A(c.momentum), A(1.0 - c.dampening),
-                         c.maximize,     c.weight_decay != 0,        c.nesterov,    c.init_buffers};
-    return with_flag(t.theta_star != nullptr, [&](auto penalty) {
+    const SgdCoeffs<A> k{A(2.0 * c.lam),         A(c.lr),      A(c.weight_decay),
+                         A(c.momentum),          A(1.0 - c.dampening), A(c.lr * 2.0 * c.lam),
+                         c.maximize,             c.weight_decay != 0,  c.nesterov,
+                         c.init_buffers};
+    return with_penalty_mode(t.theta_star != nullptr, c.proximal, [&](auto penalty, auto prox) {
       return with_flag(c.momentum != 0, [&](auto momentum) {
         return sum_over_chunks(t.n, t.numel, threads, [&](const Chunk& ch) {
           const int64_t i = ch.tensor;
@@ -126,8 +174,8 @@ double sgd_step(DType dtype, const TensorLists& t, void* const* momentum_buffers
           const A* ts = penalty ? ptr<A>(t.theta_star, i) : nullptr;
           const A* om = penalty ? ptr<A>(t.omega, i) : nullptr;
           return over_blocks<A>(ch.begin, ch.end, [&](int64_t b, int64_t e, A* grads) {
-            const double sum = penalised_grads<penalty>(p, g, ts, om, b, e, k.two_lam, grads);
-            sgd_update<momentum>(p, grads, buf, b, e, k);
+            const double sum = penalised_grads<penalty, prox>(p, g, ts, om, b, e, k.two_lam, k.lr_two_lam, grads);
+            sgd_update<momentum, prox>(p, grads, buf, b, e, k);
             return sum;
           });
         });
@@ -149,11 +197,12 @@ double adam_step(DType dtype, const TensorLists& t, void* const* exp_avgs, void*
                           A(c.beta2),
                           A(1.0 - c.beta2),
                           A(1.0 - c.lr * c.weight_decay),
+                          A(c.lr * 2.0 * c.lam),
                           c.maximize,
                           c.weight_decay != 0 && !c.decoupled_weight_decay,
                           c.weight_decay != 0 && c.decoupled_weight_decay,
                           std::abs(1.0 - c.beta1) < 0.5};
-    return with_flag(t.theta_star != nullptr, [&](auto penalty) {
+    return with_penalty_mode(t.theta_star != nullptr, c.proximal, [&](auto penalty, auto prox) {
       return with_flag(c.amsgrad, [&](auto amsgrad) {
         return sum_over_chunks(t.n, t.numel, threads, [&](const Chunk& ch) {
           const int64_t i = ch.tensor;
@@ -169,8 +218,10 @@ double adam_step(DType dtype, const TensorLists& t, void* const* exp_avgs, void*
           const A neg_step = A(-(c.lr / (1.0 - std::pow(c.beta1, step))));
           const A bc2_sqrt = A(std::sqrt(1.0 - std::pow(c.beta2, step)));
           return over_blocks<A>(ch.begin, ch.end, [&](int64_t b, int64_t e, A* grads) {
-            const double sum = penalised_grads<penalty>(p, g, ts, om, b, e, k.two_lam, grads);
-            adam_update<amsgrad>(p, grads, m, v, vmax, b, e, k, neg_step, bc2_sqrt);
+            const double sum = penalised_grads<penalty, prox>(p, g, ts, om, b, e, k.two_lam, k.lr_two_lam, grads);
+            adam_update<amsgrad, prox>(p, grads, m, v, vmax, grads + kSteppedRow * kBlock, b, e, k, neg_step,
+                                       bc2_sqrt);
+            if constexpr (prox) proximal_map(p, grads, b, e);
             return sum;
           });
         });

@@ -88,10 +88,10 @@ void running_mean_update(TensorList means, TensorList comps, TensorList batch_su
 
 Tensor sgd_step(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList theta_star,
                 TensorList omega, double lam, double lr, double momentum, double dampening, double weight_decay,
-                bool nesterov, bool maximize, bool init_buffers) {
+                bool nesterov, bool maximize, bool init_buffers, bool proximal) {
   check_sgd_op("mas_fast::sgd_step_", params, grads, momentum_buffers, theta_star, omega, momentum, dampening,
                nesterov, kCPU);
-  const SgdConfig config{lam, lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffers};
+  const SgdConfig config{lam, lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffers, proximal};
   double total = 0.0;
   for (const auto& [dtype, index] : group_by_dtype(params)) {
     GroupLists g(index, params, grads, theta_star, omega);
@@ -106,15 +106,15 @@ Tensor sgd_step(TensorList params, TensorList grads, TensorList momentum_buffers
 Tensor adam_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                  TensorList max_exp_avg_sqs, TensorList steps, TensorList theta_star, TensorList omega, double lam,
                  double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-                 bool amsgrad, bool maximize) {
+                 bool amsgrad, bool maximize, bool proximal) {
   check_adam_op("mas_fast::adam_step_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star,
                 omega, amsgrad, kCPU);
   double total = 0.0;
   for (const auto& [dtype, index] : group_by_dtype(params)) {
     std::vector<double> group_steps;  // torch.optim: step += 1, bias corrections from the new step
     for (int64_t i : index) group_steps.push_back(steps[i].add_(1).item<double>());
-    const AdamConfig config{lam,     lr,       beta1,    beta2, eps, weight_decay, decoupled_weight_decay,
-                            amsgrad, maximize, group_steps.data()};
+    const AdamConfig config{lam,     lr,       beta1,    beta2,    eps, weight_decay, decoupled_weight_decay,
+                            amsgrad, maximize, proximal, group_steps.data()};
     GroupLists g(index, params, grads, theta_star, omega);
     Operand m(exp_avgs, index), v(exp_avg_sqs, index), vmax(max_exp_avg_sqs, index);
     total += cpu::adam_step(dtype, g.lists, m.ptrs(), v.ptrs(), vmax.ptrs(), config, threads());

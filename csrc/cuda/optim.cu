@@ -1,6 +1,8 @@
 // Fused SGD / Adam / AdamW steps with the MAS penalty folded into the gradient:
 // g ← g + 2λΩ(θ − θ*), then torch.optim's update, in one pass over the tensors the step
-// reads anyway. Parameters MAS does not cover pass nullptr for θ*/Ω (a plain step).
+// reads anyway; or (proximal) torch.optim's update on g alone, then the penalty's proximal map
+// θ ← θ* + (θ' − θ*) / (1 + 2·lr·λΩ) (mas_fast_kernels.h). Parameters MAS does not cover
+// pass nullptr for θ*/Ω (a plain step).
 // Math in fp32 (fp64 for fp64 parameters); optimizer state is stored in the parameter dtype,
 // like torch.optim. The penalty at the parameters before the step is reduced on the side.
 #include "cuda/kernels.h"
@@ -11,19 +13,29 @@ namespace mas_fast {
 namespace cuda {
 namespace {
 
-// Adds the penalty gradient to g (in M, as reference.py's step) and returns Ω d² (in double).
+// Adds the penalty gradient to g unless proximal (in M, as reference.py's step) and returns
+// Ω d² (in double).
 template <typename M, typename S>
-__device__ __forceinline__ double penalise(M& g, M theta, S star, S omega, M two_lam) {
+__device__ __forceinline__ double penalise(M& g, M theta, S star, S omega, M two_lam, bool proximal) {
   const M w = static_cast<M>(omega);
-  g += two_lam * w * (theta - static_cast<M>(star));
+  if (!proximal) g += two_lam * w * (theta - static_cast<M>(star));
   return penalty_term(w, static_cast<double>(theta) - static_cast<double>(star));
+}
+
+// θ* + (θ' − θ*) / (1 + 2·lr·λΩ) at the loss-only step θ', around θ* so that an infinite
+// 2·lr·λΩ gives θ*; θ' itself without θ* or when not proximal.
+template <typename M, typename S>
+__device__ __forceinline__ M finish(M stepped, const S* star_list, S star, S omega, M lr_two_lam, bool proximal) {
+  if (!proximal || star_list == nullptr) return stepped;
+  const M s = static_cast<M>(star);
+  return s + (stepped - s) / (M(1) + lr_two_lam * static_cast<M>(omega));
 }
 
 template <typename P, typename S>
 struct SgdOp {
   using M = typename MathOf<P>::type;
-  M two_lam, lr, momentum, dampening, weight_decay;
-  bool nesterov, maximize, init_buffers;
+  M two_lam, lr, momentum, dampening, weight_decay, lr_two_lam;
+  bool nesterov, maximize, init_buffers, proximal;
 
   // ptrs: θ, g, momentum buffer (nullptr without momentum), θ*, Ω (nullptr: not covered by MAS)
   __device__ __forceinline__ double operator()(void** ptrs, int64_t start, int64_t n, bool vec) const {
@@ -46,7 +58,7 @@ struct SgdOp {
         if (!s.valid(j)) continue;
         const M p = load_as<M>(&th[j]);
         M g = load_as<M>(&gr[j]);
-        if (star != nullptr) acc += penalise(g, p, st[j], om[j], two_lam);
+        if (star != nullptr) acc += penalise(g, p, st[j], om[j], two_lam, proximal);
         if (maximize) g = -g;
         if (weight_decay != M(0)) g += weight_decay * p;
         if (buf != nullptr) {
@@ -54,7 +66,7 @@ struct SgdOp {
           bf[j] = from_math<P, M>(b);
           g = nesterov ? g + momentum * b : b;
         }
-        th[j] = from_math<P, M>(p - lr * g);
+        th[j] = from_math<P, M>(finish<M, S>(p - lr * g, star, st[j], om[j], lr_two_lam, proximal));
       }
       s.store(buf, bf);
       s.store(theta, th);
@@ -66,8 +78,8 @@ struct SgdOp {
 template <typename P, typename S>
 struct AdamOp {
   using M = typename MathOf<P>::type;
-  M two_lam, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt;
-  bool decoupled, maximize;
+  M two_lam, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, lr_two_lam;
+  bool decoupled, maximize, proximal;
 
   // ptrs: θ, g, exp_avg, exp_avg_sq, max_exp_avg_sq (nullptr without amsgrad), θ*, Ω (nullptr:
   // not covered by MAS)
@@ -95,7 +107,7 @@ struct AdamOp {
         if (!s.valid(j)) continue;
         M p = load_as<M>(&th[j]);
         M g = load_as<M>(&gr[j]);
-        if (star != nullptr) acc += penalise(g, p, st[j], om[j], two_lam);
+        if (star != nullptr) acc += penalise(g, p, st[j], om[j], two_lam, proximal);
         if (maximize) g = -g;
         if (weight_decay != M(0)) {
           if (decoupled) p *= M(1) - lr * weight_decay;
@@ -110,7 +122,8 @@ struct AdamOp {
           v = max(load_as<M>(&mx[j]), v);
           mx[j] = from_math<P, M>(v);
         }
-        th[j] = from_math<P, M>(p - step_size * m / (sqrt(v) / bc2_sqrt + eps));
+        th[j] = from_math<P, M>(
+            finish<M, S>(p - step_size * m / (sqrt(v) / bc2_sqrt + eps), star, st[j], om[j], lr_two_lam, proximal));
       }
       s.store(exp_avg, m1);
       s.store(exp_avg_sq, m2);
@@ -137,9 +150,16 @@ cudaError_t sgd_step(DType dtype, const TensorLists& t, void* const* momentum_bu
   return dispatch_dtype(dtype, [&](auto type) {
     using P = typename decltype(type)::type;
     using M = typename MathOf<P>::type;
-    const SgdOp<P, M> op{static_cast<M>(2.0 * c.lam), static_cast<M>(c.lr),        static_cast<M>(c.momentum),
-                         static_cast<M>(c.dampening), static_cast<M>(c.weight_decay), c.nesterov,
-                         c.maximize,                  c.init_buffers};
+    const SgdOp<P, M> op{static_cast<M>(2.0 * c.lam),
+                         static_cast<M>(c.lr),
+                         static_cast<M>(c.momentum),
+                         static_cast<M>(c.dampening),
+                         static_cast<M>(c.weight_decay),
+                         static_cast<M>(c.lr * 2.0 * c.lam),
+                         c.nesterov,
+                         c.maximize,
+                         c.init_buffers,
+                         c.proximal};
     return run_with_penalty<5>(t, lists, op, c.lam, partials, out, stream);
   });
 }
@@ -157,8 +177,8 @@ cudaError_t adam_step(DType dtype, const TensorLists& t, void* const* exp_avgs, 
     using M = typename MathOf<P>::type;
     const AdamOp<P, M> op{static_cast<M>(2.0 * c.lam),    static_cast<M>(c.lr),      static_cast<M>(c.beta1),
                           static_cast<M>(c.beta2),        static_cast<M>(c.eps),     static_cast<M>(c.weight_decay),
-                          static_cast<M>(c.lr / bc1),     static_cast<M>(sqrt(bc2)), c.decoupled_weight_decay,
-                          c.maximize};
+                          static_cast<M>(c.lr / bc1),     static_cast<M>(sqrt(bc2)), static_cast<M>(c.lr * 2.0 * c.lam),
+                          c.decoupled_weight_decay,       c.maximize,                c.proximal};
     return run_with_penalty<7>(t, lists, op, c.lam, partials, out, stream);
   });
 }

@@ -151,11 +151,11 @@ void running_mean_update(TensorList means, TensorList comps, TensorList batch_su
 
 Tensor sgd_step(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList theta_star,
                 TensorList omega, double lam, double lr, double momentum, double dampening, double weight_decay,
-                bool nesterov, bool maximize, bool init_buffers) {
+                bool nesterov, bool maximize, bool init_buffers, bool proximal) {
   const char* op = "mas_fast::sgd_step_";
   const at::Device device = cuda_device(op, params);
   check_sgd_op(op, params, grads, momentum_buffers, theta_star, omega, momentum, dampening, nesterov, device);
-  const SgdConfig config{lam, lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffers};
+  const SgdConfig config{lam, lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffers, proximal};
   const c10::cuda::CUDAGuard guard(device);
   const std::vector<DType> dtypes = dtypes_of(params);
   GroupLists all(every(params.size()), params, grads, theta_star, omega);
@@ -171,15 +171,15 @@ Tensor sgd_step(TensorList params, TensorList grads, TensorList momentum_buffers
 Tensor adam_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                  TensorList max_exp_avg_sqs, TensorList steps, TensorList theta_star, TensorList omega, double lam,
                  double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-                 bool amsgrad, bool maximize) {
+                 bool amsgrad, bool maximize, bool proximal) {
   const char* op = "mas_fast::adam_step_";
   const at::Device device = cuda_device(op, params);
   check_adam_op(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star, omega, amsgrad,
                 device);
   std::vector<double> new_steps;  // torch.optim: step += 1 first
   for (const Tensor& s : steps) new_steps.push_back(s.add_(1).item<double>());
-  const AdamConfig config{lam,     lr,       beta1,    beta2, eps, weight_decay, decoupled_weight_decay,
-                          amsgrad, maximize, new_steps.data()};
+  const AdamConfig config{lam,     lr,       beta1,    beta2,    eps, weight_decay, decoupled_weight_decay,
+                          amsgrad, maximize, proximal, new_steps.data()};
   const c10::cuda::CUDAGuard guard(device);
   const std::vector<int64_t> index = every(params.size());
   const std::vector<DType> dtypes = dtypes_of(params);

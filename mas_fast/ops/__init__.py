@@ -185,7 +185,8 @@ def penalty_and_grad_(params: Sequence[Tensor], grads: Sequence[Tensor], theta_s
 def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
               theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float, config: SGDConfig, *,
               init_buffers: bool = False, backend: str = "auto") -> Tensor:
-    """torch.optim.SGD step on g + 2λΩ(θ−θ*) (plain where θ* is empty); returns the penalty.
+    """torch.optim.SGD step on g + 2λΩ(θ−θ*), or with config.penalty_step="proximal" on g then
+    θ ← θ* + (θ'−θ*)/(1 + 2·lr·λΩ) (plain where θ* is empty); returns the penalty before it.
 
     momentum_buffers: one per parameter when config.momentum != 0 (else empty); with
     `init_buffers` they hold no history yet and are set to the gradient (the first step).
@@ -198,7 +199,8 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
                exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
                theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float, config: AdamConfig, *,
                backend: str = "auto") -> Tensor:
-    """torch.optim.Adam(W) step on g + 2λΩ(θ−θ*) (plain where θ* is empty); returns the penalty.
+    """torch.optim.Adam(W) step on g + 2λΩ(θ−θ*), or with config.penalty_step="proximal" on g
+    then θ ← θ* + (θ'−θ*)/(1 + 2·lr·λΩ) (plain where θ* is empty); returns the penalty before it.
 
     `steps` are torch.optim's per-parameter step counters (incremented first); max_exp_avg_sqs
     is empty without config.amsgrad.

@@ -121,7 +121,7 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
         return torch.ops.mas_fast.sgd_step_(
             list(params), list(grads), list(momentum_buffers), list(theta_star), list(omega),
             float(lam), float(c.lr), float(c.momentum), float(c.dampening), float(c.weight_decay),
-            bool(c.nesterov), bool(c.maximize), bool(init_buffers))
+            bool(c.nesterov), bool(c.maximize), bool(init_buffers), bool(c.proximal))
 
 
 def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -136,4 +136,4 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
             list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs),
             list(steps), list(theta_star), list(omega), float(lam), float(c.lr), float(c.beta1),
             float(c.beta2), float(c.eps), float(c.weight_decay), bool(c.decoupled_weight_decay),
-            bool(c.amsgrad), bool(c.maximize))
+            bool(c.amsgrad), bool(c.maximize), bool(c.proximal))

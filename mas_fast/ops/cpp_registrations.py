@@ -51,13 +51,14 @@ def _running_mean_update_fake(means, compensations, batch_sums, count, batch_cou
 
 @torch.library.register_fake("mas_fast::sgd_step_")
 def _sgd_step_fake(params, grads, momentum_buffers, theta_star, omega, lam, lr, momentum, dampening,
-                   weight_decay, nesterov, maximize, init_buffers):
+                   weight_decay, nesterov, maximize, init_buffers, proximal=False):
     return _scalar(params, omega)
 
 
 @torch.library.register_fake("mas_fast::adam_step_")
 def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star, omega, lam,
-                    lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize):
+                    lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+                    proximal=False):
     return _scalar(params, omega)
 
 

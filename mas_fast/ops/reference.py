@@ -192,58 +192,72 @@ def penalty_and_grad_(params: Sequence[Tensor], grads: Sequence[Tensor], theta_s
 
 
 # --------------------------------------------------------------------------- fused optimizer steps
-# One step of torch.optim's SGD / Adam(W) on the gradient of loss + λΣΩ(θ−θ*)², i.e. on
-# g + 2λΩ(θ−θ*) where θ*/Ω are given (one per parameter; empty lists: a plain step). The
+# One step of torch.optim's SGD / Adam(W) with the MAS penalty λΣΩ(θ−θ*)², where θ*/Ω are
+# given (one per parameter; empty lists: a plain step). config.penalty_step says how:
+# "gradient": the step on g + 2λΩ(θ−θ*) (torch.optim on loss + penalty); "proximal": the step
+# on g alone gives θ', then θ ← θ* + (θ' − θ*) / (1 + 2·lr·λΩ) (see optim_config). The
 # arithmetic runs in the accumulation dtype (fp32 for bf16/fp16 parameters, rounded once when
 # stored) in torch.optim's foreach order of operations. Both return λΣΩ(θ−θ*)² at the
 # parameters before the step (0 without θ*).
 
 
 def _penalised_grads(params: Sequence[Tensor], grads: Sequence[Tensor], theta_star: Sequence[Tensor],
-                     omega: Sequence[Tensor], lam: float) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """(penalty value, θ upcast, g + 2λΩ(θ−θ*) upcast) for the step functions below."""
+                     omega: Sequence[Tensor], lam: float,
+                     fold: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """(penalty value, θ upcast, g upcast) for the step functions below; `fold` adds the penalty
+    gradient 2λΩ(θ−θ*) to g."""
     pvs = [p.detach().to(acc_dtype(p.dtype)) for p in params]
     gs = [g.to(pv.dtype) for g, pv in zip(grads, pvs)]
     if not theta_star:
         return torch.zeros((), dtype=torch.float32), pvs, gs
     value = penalty(pvs, theta_star, omega, lam)
-    gs = [g + (2.0 * lam) * o * (pv - t) for g, pv, t, o in zip(gs, pvs, theta_star, omega)]
+    if fold:
+        gs = [g + (2.0 * lam) * o * (pv - t) for g, pv, t, o in zip(gs, pvs, theta_star, omega)]
     return value, pvs, gs
+
+
+def _proximal(stepped: Tensor, theta_star: Tensor, omega: Tensor, lr_two_lam: float) -> Tensor:
+    """θ* + (θ' − θ*) / (1 + 2·lr·λΩ): the penalty's proximal map at the loss-only step θ'.
+    Written around θ* so that an infinite 2·lr·λΩ gives θ* (not inf/inf)."""
+    return theta_star + (stepped - theta_star) / (1.0 + lr_two_lam * omega)
 
 
 def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
               theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float, config: SGDConfig,
               init_buffers: bool) -> Tensor:
-    """torch.optim.SGD step with the MAS penalty folded in, in place on params and buffers
-    (see mas_fast.ops.sgd_step_)."""
+    """torch.optim.SGD step with the MAS penalty (folded into g, or proximal), in place on params
+    and buffers (see mas_fast.ops.sgd_step_); with prox the buffer holds the loss direction only."""
     lr, momentum, dampening = config.lr, config.momentum, config.dampening
     weight_decay, nesterov, maximize = config.weight_decay, config.nesterov, config.maximize
+    prox = config.proximal and bool(theta_star)
     with torch.no_grad():
-        value, pvs, gs = _penalised_grads(params, grads, theta_star, omega, lam)
+        value, pvs, gs = _penalised_grads(params, grads, theta_star, omega, lam, fold=not prox)
         for i, (p, pv, g) in enumerate(zip(params, pvs, gs)):
             if maximize:
                 g = -g
             if weight_decay != 0:
                 g = g + weight_decay * pv
-            if momentum != 0:
+            if momentum != 0:  # with prox, the buffer holds the loss direction only
                 buf = momentum_buffers[i]
                 b = g if init_buffers else buf.to(g.dtype) * momentum + (1.0 - dampening) * g
                 buf.copy_(b)
                 g = g + momentum * b if nesterov else b
-            p.copy_(pv + (-lr) * g)
+            stepped = pv + (-lr) * g
+            p.copy_(_proximal(stepped, theta_star[i], omega[i], lr * 2.0 * lam) if prox else stepped)
     return value
 
 
 def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
                theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float, config: AdamConfig) -> Tensor:
-    """torch.optim.Adam (AdamW: decoupled_weight_decay) step with the MAS penalty folded in, in
-    place on params and the state (see mas_fast.ops.adam_step_)."""
+    """torch.optim.Adam (AdamW: decoupled_weight_decay) step with the MAS penalty (folded into g,
+    or proximal after the update), in place on params and the state (see mas_fast.ops.adam_step_)."""
     lr, beta1, beta2, eps = config.lr, config.beta1, config.beta2, config.eps
     weight_decay, decoupled_weight_decay = config.weight_decay, config.decoupled_weight_decay
     amsgrad, maximize = config.amsgrad, config.maximize
+    prox = config.proximal and bool(theta_star)
     with torch.no_grad():
-        value, pvs, gs = _penalised_grads(params, grads, theta_star, omega, lam)
+        value, pvs, gs = _penalised_grads(params, grads, theta_star, omega, lam, fold=not prox)
         for i, (p, pv, g) in enumerate(zip(params, pvs, gs)):
             if maximize:
                 g = -g
@@ -262,7 +276,8 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
             if amsgrad:
                 v = torch.maximum(max_exp_avg_sqs[i].to(g.dtype), v)
                 max_exp_avg_sqs[i].copy_(v)
-            p.copy_(pv + (-step_size) * m / (v.sqrt() / bc2_sqrt + eps))
+            stepped = pv + (-step_size) * m / (v.sqrt() / bc2_sqrt + eps)
+            p.copy_(_proximal(stepped, theta_star[i], omega[i], lr * 2.0 * lam) if prox else stepped)
     return value
 
 

@@ -104,12 +104,12 @@ class _TensorLists(ctypes.Structure):  # mas_fast::TensorLists
 
 class _SgdConfig(ctypes.Structure):  # mas_fast::SgdConfig
     _fields_ = [*[(f, ctypes.c_double) for f in ("lam", "lr", "momentum", "dampening", "weight_decay")],
-                *[(f, ctypes.c_bool) for f in ("nesterov", "maximize", "init_buffers")]]
+                *[(f, ctypes.c_bool) for f in ("nesterov", "maximize", "init_buffers", "proximal")]]
 
 
 class _AdamConfig(ctypes.Structure):  # mas_fast::AdamConfig
     _fields_ = [*[(f, ctypes.c_double) for f in ("lam", "lr", "beta1", "beta2", "eps", "weight_decay")],
-                *[(f, ctypes.c_bool) for f in ("decoupled_weight_decay", "amsgrad", "maximize")],
+                *[(f, ctypes.c_bool) for f in ("decoupled_weight_decay", "amsgrad", "maximize", "proximal")],
                 ("steps", ctypes.c_void_p)]
 
 
@@ -294,7 +294,7 @@ class EmulatedCuda:
         workspace = self._workspace(params)
         c = config
         kernel_config = _SgdConfig(lam, c.lr, c.momentum, c.dampening, c.weight_decay, c.nesterov, c.maximize,
-                                   init_buffers)
+                                   init_buffers, c.proximal)
         self._run("sgd_step", "emu_sgd_step", self._dtypes(params),
                   self._lists(p, _contiguous(grads), *_terms(theta_star, omega)),
                   ctypes.c_void_p(self._ptrs(bufs if c.momentum != 0 else None)), ctypes.byref(kernel_config),
@@ -314,7 +314,7 @@ class EmulatedCuda:
         copies = [None if ts is None else _contiguous(ts) for ts in states]
         workspace = self._workspace(params, new_steps)
         kernel_config = _AdamConfig(lam, c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled_weight_decay,
-                                    c.amsgrad, c.maximize, ctypes.addressof(self._array(ctypes.c_double, new_steps)))
+                                    c.amsgrad, c.maximize, c.proximal, ctypes.addressof(self._array(ctypes.c_double, new_steps)))
         self._run("adam_step", "emu_adam_step", self._dtypes(params),
                   self._lists(copies[0], _contiguous(grads), *_terms(theta_star, omega)),
                   *[ctypes.c_void_p(self._ptrs(t)) for t in copies[1:]], ctypes.byref(kernel_config),

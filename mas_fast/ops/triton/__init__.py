@@ -1,4 +1,5 @@
-"""The "triton" backend: Triton kernels for the importance GEMMs, reductions and state ops.
+"""The "triton" backend: Triton kernels for the importance GEMMs, reductions, state ops and the
+fused optimizer steps.
 
 Same op functions as `mas_fast.ops.reference` (see the dispatch contract in
 `mas_fast.ops`). On CUDA tensors the kernels are compiled and autotuned; with
@@ -13,6 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..optim_config import AdamConfig, SGDConfig
+
 Tensor = torch.Tensor
 
 try:
@@ -26,7 +29,7 @@ else:
     from ._runtime import INTERPRET, capability
 
 OPS = ("abs_matmul", "per_sample_abs_matmul", "per_sample_abs_sum", "conv_abs_grad",
-       "running_mean_update_", "merge_", "penalty", "penalty_and_grad_")
+       "running_mean_update_", "merge_", "penalty", "penalty_and_grad_", "sgd_step_", "adam_step_")
 # "auto" uses the compiled kernels on GPUs only; the interpreter is for explicit requests.
 AUTO_DEVICES = frozenset() if INTERPRET else frozenset({"cuda"})
 
@@ -190,6 +193,64 @@ def penalty_and_grad_(params: Sequence[Tensor], grads: Sequence[Tensor], theta_s
     with torch.no_grad():
         return _lib.penalty_and_grad_([p.detach() for p in params], list(grads), list(theta_star),
                                       list(omega), float(lam))
+
+
+# --------------------------------------------------------------------------- fused optimizer steps
+
+
+def _check_like_params(params: Sequence[Tensor], **lists: Sequence[Tensor]) -> None:
+    """Each list matches params in length, shapes and dtypes (an empty list: not used)."""
+    for name, ts in lists.items():
+        if ts:
+            _check_lists(params=params, **{name: ts})
+            for i, (t, p) in enumerate(zip(ts, params)):
+                if t.dtype != p.dtype:
+                    raise TypeError(f"{name}[{i}] is {t.dtype} but params[{i}] is {p.dtype}")
+
+
+def _check_step(params, grads, theta_star, omega, **state: Sequence[Tensor]) -> None:
+    _check_lists(params=params, grads=grads)
+    _check_like_params(params, grads=grads, **state)
+    if theta_star or omega:
+        _check_lists(params=params, theta_star=theta_star, omega=omega)
+        _check_fp32(theta_star=theta_star, omega=omega)
+
+
+def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+              theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float, config: SGDConfig,
+              init_buffers: bool) -> Tensor:
+    """Fused SGD + MAS step, one multi-tensor launch per dtype (see mas_fast.ops.sgd_step_)."""
+    _check_step(params, grads, theta_star, omega, momentum_buffers=momentum_buffers)
+    if config.momentum != 0 and len(momentum_buffers) != len(params):
+        raise ValueError(f"momentum_buffers has {len(momentum_buffers)} tensors, expected {len(params)}")
+    c = config
+    with torch.no_grad():
+        return _lib.sgd_step_([p.detach() for p in params], list(grads), list(momentum_buffers),
+                              list(theta_star), list(omega), float(lam), float(c.lr), float(c.momentum),
+                              float(c.dampening), float(c.weight_decay), bool(c.nesterov), bool(c.maximize),
+                              bool(init_buffers), c.proximal)
+
+
+def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+               exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
+               theta_star: Sequence[Tensor], omega: Sequence[Tensor], lam: float, config: AdamConfig) -> Tensor:
+    """Fused Adam(W) + MAS step, one launch per dtype and step count (see mas_fast.ops.adam_step_)."""
+    _check_step(params, grads, theta_star, omega, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                max_exp_avg_sqs=max_exp_avg_sqs)
+    for name, ts in (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("steps", steps),
+                     *((("max_exp_avg_sqs", max_exp_avg_sqs),) if config.amsgrad else ())):
+        if len(ts) != len(params):
+            raise ValueError(f"{name} has {len(ts)} tensors, expected {len(params)}")
+    for i, s in enumerate(steps):
+        if s.numel() != 1 or not s.is_floating_point():
+            raise ValueError(f"steps[{i}] must be a one-element floating-point counter, got {tuple(s.shape)} "
+                             f"{s.dtype}")
+    c = config
+    with torch.no_grad():
+        return _lib.adam_step_([p.detach() for p in params], list(grads), list(exp_avgs), list(exp_avg_sqs),
+                               list(max_exp_avg_sqs), list(steps), list(theta_star), list(omega), float(lam),
+                               float(c.lr), float(c.beta1), float(c.beta2), float(c.eps), float(c.weight_decay),
+                               bool(c.decoupled_weight_decay), bool(c.amsgrad), bool(c.maximize), c.proximal)
 
 
 __all__ = ["OPS", "AUTO_DEVICES", "unavailable_reason", "not_supported_reasons", *OPS]

@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 from torch.library import custom_op
 
-from . import gemm, multi_tensor, reduce
+from ..optim_config import AdamConfig, SGDConfig
+from . import gemm, multi_tensor, optim, reduce
 
 Tensor = torch.Tensor
 NS = "mas_fast_triton"
@@ -102,6 +103,48 @@ def penalty(params: list[Tensor], theta_star: list[Tensor], omega: list[Tensor],
 @penalty.register_fake
 def _(params, theta_star, omega, lam):
     return _fp32(like=omega[0])
+
+
+def _step_value_fake(params: list[Tensor]) -> Tensor:
+    return torch.empty((), dtype=torch.float32, device=params[0].device if params else None)
+
+
+_PENALTY_STEPS = ("gradient", "proximal")  # the config's penalty_step as a bool (proximal)
+
+
+@custom_op(f"{NS}::sgd_step_", mutates_args=("params", "momentum_buffers"))
+def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+              theta_star: list[Tensor], omega: list[Tensor], lam: float, lr: float, momentum: float,
+              dampening: float, weight_decay: float, nesterov: bool, maximize: bool, init_buffers: bool,
+              proximal: bool) -> Tensor:
+    config = SGDConfig(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                       nesterov=nesterov, maximize=maximize, penalty_step=_PENALTY_STEPS[proximal])
+    return optim.sgd_step_(params, grads, momentum_buffers, theta_star, omega, lam, config, init_buffers)
+
+
+@sgd_step_.register_fake
+def _(params, grads, momentum_buffers, theta_star, omega, lam, lr, momentum, dampening, weight_decay,
+      nesterov, maximize, init_buffers, proximal):
+    return _step_value_fake(params)
+
+
+@custom_op(f"{NS}::adam_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))
+def adam_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+               max_exp_avg_sqs: list[Tensor], steps: list[Tensor], theta_star: list[Tensor],
+               omega: list[Tensor], lam: float, lr: float, beta1: float, beta2: float, eps: float,
+               weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool, maximize: bool,
+               proximal: bool) -> Tensor:
+    config = AdamConfig(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        penalty_step=_PENALTY_STEPS[proximal])
+    return optim.adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star, omega,
+                            lam, config)
+
+
+@adam_step_.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star, omega, lam, lr, beta1, beta2,
+      eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, proximal):
+    return _step_value_fake(params)
 
 
 def _penalty_setup(ctx, inputs, output) -> None:
