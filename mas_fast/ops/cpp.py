@@ -7,6 +7,8 @@ under torch.compile). Parameters and grads: float32/float64/bfloat16/float16; Ω
 The penalty is accumulated in float64 per 65,536-element chunk, chunks added in a fixed
 order: deterministic and independent of the thread count (torch.get_num_threads()); the value
 is returned as reference.py returns it (Ω's dtype, inf beyond its range, never an error).
+Per-sample importance (per_sample_abs_matmul, conv_abs_grad) runs the fused kernel of
+csrc/cpu/importance.cpp on the shapes where it beats the reference, the reference elsewhere.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ _STATE_OPS = ("merge_", "running_mean_update_")
 
 # Where the fused per-sample kernel beats the reference's batched GEMM (MKL) + |·| + sum,
 # measured on AVX-512 at B = 32 (docs/benchmarks.md): few positions per sample (2 ≤ T ≤ 16:
-# 1.5-25×); from T ≈ 32 the batched GEMM is faster, at T = 1 the reference's single GEMM of
+# 1.45-23×); from T ≈ 32 the batched GEMM is faster, at T = 1 the reference's single GEMM of
 # absolute values is exact and faster, and below 4 output rows per group (depthwise
 # convolutions) the kernel's row tiles are mostly padding.
 KERNEL_POSITIONS = range(2, 17)
