@@ -17,9 +17,15 @@ vmap and Opacus).
 The model zoo (tests/zoo.py: HF GPT-2, BERT, Llama, Llama + LoRA, timm ViT and ConvNeXt,
 torchvision ResNet-18 and MobileNetV3, nn.TransformerEncoder) on CPU at B = 32 (sequences
 T = 48, images 32×32), groups `zoo-<model>`: batch (baseline), per_sample and vmap on the
-"auto" backend, checked equal to vmap first. Bars: per_sample ≤ 1.5× batch time and peak
-memory, ≥ 5× faster than vmap on full-parameter models (with LoRA, whose few adapter
-parameters make vmap cheap too, the batch ratios are the bars).
+"auto" backend, checked equal to vmap first. batch and per_sample are timed on one MAS instance
+per method in steady state, as over a loader: its first batch (verified against autograd, see
+docs/importance.md) is the warm-up. Bars: per_sample ≤ 1.5× batch time and peak memory, ≥ 5×
+faster than vmap on full-parameter models (with LoRA, whose few adapter parameters make vmap
+cheap too, the batch ratios are the bars).
+
+The verification's cost, groups `verify-<model>`: `MAS(verify=True).consolidate(loader)` against
+`verify=False` (baseline) over a loader of 20 batches, for the CPU MLP (B = 64) and
+nn.TransformerEncoder of the zoo (B = 16, T = 48), both per_sample on "auto". Bar: ≤ 1.1×.
 `test_bars` at the end checks the bars from the rows of this run. Peak memory is
 torch.cuda.max_memory_allocated above what was allocated before the call on CUDA, and on CPU
 the peak of bytes that tensors allocated in the call held at once (tests/memory_tracking.py),
@@ -151,6 +157,14 @@ def mas_sums(model: nn.Module, x: torch.Tensor, mode: str, backend: str,
     mas = MAS(model, mode=mode, backend=backend, output_fn=output_fn)
     n = mas.accumulate(x)
     return {name: mean * n for name, mean in mas.task_importance.items()}
+
+
+def warm_accumulate(model: nn.Module, x: torch.Tensor, mode: str, backend: str,
+                    output_fn: Optional[Callable[[Any], torch.Tensor]] = None) -> Callable[[], int]:
+    """`accumulate(x)` on one MAS instance whose first (verified) batch has run: steady state."""
+    mas = MAS(model, mode=mode, backend=backend, output_fn=output_fn)
+    mas.accumulate(x)
+    return lambda: mas.accumulate(x)
 
 
 def vmap_sums(model: nn.Module, x: torch.Tensor, output_fn: Optional[Callable[[Any], torch.Tensor]] = None
@@ -305,8 +319,7 @@ def test_zoo_importance(benchmark, cpu_threads, name, method):
                 return vmap_sums(model, x, output_fn)
             check_equal(fn(), mas_sums(model, x, "per_sample", "auto", output_fn), "vmap vs per_sample")
         else:
-            def fn():
-                return mas_sums(model, x, method, "auto", output_fn)
+            fn = warm_accumulate(model, x, method, "auto", output_fn)
         slow = method == "vmap"  # its equality check above was its warm-up
         seconds = measure(benchmark, fn, "cpu", rounds=3 if slow else 7, warmup=0 if slow else 1)
         peak = None if slow else peak_bytes(fn, "cpu")
@@ -315,6 +328,40 @@ def test_zoo_importance(benchmark, cpu_threads, name, method):
            batch=ZOO_BATCH, seq=ZOO_SEQ if _zoo().ZOO[name].kind != "image" else None,
            params=sum(p.numel() for p in model.parameters()), trainable=trainable, peak_bytes=peak,
            cpu_threads=cpu_threads)
+
+
+VERIFY_BATCHES = 20
+VERIFY_CASES = {"mlp-784-400-400-10": (64, None), "transformer_encoder": (16, 48)}  # (B, T); T None: MLP
+
+
+def setup_verify(case: str) -> tuple[nn.Module, list[torch.Tensor]]:
+    """The model and a loader (a list) of VERIFY_BATCHES batches of the verification cost's case."""
+    if ("verify", case) not in _SETUPS:
+        _SETUPS.clear()
+        batch, seq = VERIFY_CASES[case]
+        g = torch.Generator().manual_seed(0)
+        if seq is None:
+            torch.manual_seed(0)
+            model = CASES[case][0]().eval()
+            loader = [torch.randn(batch, *CASES[case][1], generator=g) for _ in range(VERIFY_BATCHES)]
+        else:
+            model = _zoo().build(case)
+            loader = [_zoo().ZOO[case].inputs(batch, seq, g) for _ in range(VERIFY_BATCHES)]
+        _SETUPS[("verify", case)] = model, loader
+    return _SETUPS[("verify", case)]
+
+
+@pytest.mark.parametrize("case", list(VERIFY_CASES))
+@pytest.mark.parametrize("verify", [False, True], ids=["verify=False", "verify=True"])
+def test_verification_cost(benchmark, cpu_threads, case, verify):
+    model, loader = setup_verify(case)
+
+    def fn():
+        MAS(model, backend="auto", verify=verify).consolidate(loader, progress=False)
+
+    seconds = measure(benchmark, fn, "cpu", rounds=3, warmup=1)
+    record(SUITE, f"verify-{case}", f"verify={verify}", seconds, "cpu", baseline=not verify, backend="auto",
+           batch=VERIFY_CASES[case][0], batches=VERIFY_BATCHES, cpu_threads=cpu_threads)
 
 
 def _ratio(rows: list[dict], group: str, name: str, of: str, key: str = "seconds") -> float | None:
@@ -329,6 +376,8 @@ def _bar_checks(rows: list[dict], device: str, group: str) -> list[tuple[str, fl
     def ratio(name, of, key="seconds"):
         return _ratio(rows, group, name, of, key)
 
+    if group.startswith("verify-"):
+        return [("verify=True time / verify=False ≤ 1.1", ratio("verify=True", "verify=False"), lambda v: v <= 1.1)]
     if group.startswith("zoo-"):
         checks = [("per_sample time / batch ≤ 1.5", ratio("per_sample", "batch"), lambda v: v <= 1.5),
                   ("per_sample peak / batch ≤ 1.5", ratio("per_sample", "batch", "peak_bytes"), lambda v: v <= 1.5)]

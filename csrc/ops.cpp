@@ -31,4 +31,5 @@ TORCH_LIBRARY(mas_fast, m) {
         "float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
         "bool amsgrad, bool maximize, bool proximal=False) -> Tensor");
   m.def("per_sample_abs_sum(Tensor delta, Tensor? scale) -> Tensor");
+  m.def("per_sample_abs_matmul(Tensor delta, Tensor x) -> Tensor");
 }

@@ -155,4 +155,16 @@ void check_per_sample_abs_sum(const char* op, const at::Tensor& delta, const std
   check_importance_dtype(op, "scale", scale->scalar_type());
 }
 
+void check_per_sample_abs_matmul(const char* op, const at::Tensor& delta, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(delta.dim() == 4, op, ": delta must be (B, G, T, O), got shape ", delta.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be (B, G, T, I), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(delta.sizes().slice(0, 3) == x.sizes().slice(0, 3), op, ": delta ", delta.sizes(), " and x ",
+                    x.sizes(), " differ in (B, G, T)");
+  TORCH_CHECK_VALUE(x.device() == delta.device(), op, ": x is on ", x.device(), ", delta on ", delta.device());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"delta", delta}, {"x", x}})
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble || t.scalar_type() == at::kFloat ||
+                         t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
+                     op, ": ", name, " is ", t.scalar_type(), "; supported: float32, float64, bfloat16, float16");
+}
+
 }  // namespace mas_fast

@@ -43,4 +43,8 @@ void check_adam_op(const char* op, at::TensorList params, at::TensorList grads, 
 // per_sample_abs_sum: (B, T, C) delta of float32/bfloat16/float16, scale (optional) like it.
 void check_per_sample_abs_sum(const char* op, const at::Tensor& delta, const std::optional<at::Tensor>& scale);
 
+// per_sample_abs_matmul: delta (B, G, T, O) and x (B, G, T, I) of float32/float64/bfloat16/float16
+// on one device, with the same B, G and T.
+void check_per_sample_abs_matmul(const char* op, const at::Tensor& delta, const at::Tensor& x);
+
 }  // namespace mas_fast

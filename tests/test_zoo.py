@@ -32,18 +32,7 @@ pytest.importorskip("peft")
 B, T = 4, 8
 RTOL = 1e-6  # float64 models; libraries' own fp32 steps (Llama RMSNorm) dominate
 
-# Local mode keeps each layer's output tensor Y for Δ = 2Y; a later in-place op (ReLU(inplace=True),
-# Hardswish(inplace=True), torchvision's `out += identity`) overwrites it before the rule runs.
-LOCAL_KNOWN_WRONG = {
-    "resnet18": "BatchNorm output overwritten in place (ReLU(inplace=True), out += identity) before Δ = 2Y",
-    "mobilenet_v3": "BatchNorm output overwritten in place (Hardswish/ReLU inplace) before Δ = 2Y",
-}
 LOCAL_UNDEFINED = {"gpt2": "mode='local' is undefined for parameters shared between modules"}
-
-
-def _mark(name: str, reasons: dict) -> pytest.param:
-    marks = [pytest.mark.xfail(strict=True, reason=reasons[name])] if name in reasons else []
-    return pytest.param(name, marks=marks)
 
 
 def zoo_case(name: str):
@@ -152,7 +141,7 @@ def test_batch_is_exact(name):
     assert_matches(got, batch_oracle(model, x, output_fn), f"{name} batch")
 
 
-@pytest.mark.parametrize("name", [_mark(n, LOCAL_KNOWN_WRONG) for n in ZOO if n not in LOCAL_UNDEFINED])
+@pytest.mark.parametrize("name", [n for n in ZOO if n not in LOCAL_UNDEFINED])
 def test_local_is_exact(name):
     model, x, _ = zoo_case(name)
     with warnings.catch_warnings():

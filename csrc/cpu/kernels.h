@@ -32,5 +32,11 @@ double sgd_step(DType dtype, const TensorLists& t, void* const* momentum_buffers
 double adam_step(DType dtype, const TensorLists& t, void* const* exp_avgs, void* const* exp_avg_sqs,
                  void* const* max_exp_avg_sqs, const AdamConfig& c, int threads);
 
+// Per-sample importance of a weight used at T positions per sample: out[g] += Σ_k |Σ_t δ_kgt x_kgtᵀ|
+// for delta (G, B, T, O), x (G, B, T, I), out (G, O, I), all contiguous, of the accumulation
+// type `dtype` (f32 or f64).
+void per_sample_abs_matmul(DType dtype, int64_t G, int64_t B, int64_t T, int64_t O, int64_t I, const void* delta,
+                           const void* x, void* out, int threads);
+
 }  // namespace cpu
 }  // namespace mas_fast

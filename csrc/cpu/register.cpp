@@ -126,6 +126,21 @@ Tensor adam_step(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
   return as_result(total, omega);
 }
 
+// Σ_k |Σ_t δ_kgt x_kgtᵀ| → (G, O, I) in the accumulation dtype (float64 if an input is, else
+// float32). Inputs are upcast and laid out (G, B, T, ·) for the kernel: no copy for float32
+// contiguous inputs with G == 1 (a Linear over a sequence).
+Tensor per_sample_abs_matmul(const Tensor& delta, const Tensor& x) {
+  check_per_sample_abs_matmul("mas_fast::per_sample_abs_matmul", delta, x);
+  TORCH_CHECK_VALUE(delta.is_cpu(), "mas_fast::per_sample_abs_matmul: expected CPU tensors");
+  const auto acc = delta.scalar_type() == at::kDouble || x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t B = delta.size(0), G = delta.size(1), T = delta.size(2), O = delta.size(3), I = x.size(3);
+  const Tensor d = delta.to(acc).transpose(0, 1).contiguous(), xs = x.to(acc).transpose(0, 1).contiguous();
+  Tensor out = at::zeros({G, O, I}, delta.options().dtype(acc));
+  cpu::per_sample_abs_matmul(kernel_dtype(acc), G, B, T, O, I, d.data_ptr(), xs.data_ptr(), out.data_ptr(),
+                             threads());
+  return out;
+}
+
 }  // namespace
 }  // namespace mas_fast
 
@@ -137,4 +152,5 @@ TORCH_LIBRARY_IMPL(mas_fast, CPU, m) {
   m.impl("running_mean_update_", &mas_fast::running_mean_update);
   m.impl("sgd_step_", &mas_fast::sgd_step);
   m.impl("adam_step_", &mas_fast::adam_step);
+  m.impl("per_sample_abs_matmul", &mas_fast::per_sample_abs_matmul);
 }

@@ -18,6 +18,7 @@ when the module's own per-sample vector-Jacobian product turns them into Σ_k |g
 """
 from __future__ import annotations
 
+import threading
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
@@ -73,6 +74,19 @@ def detached(tree: Any) -> Any:
     return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
 
+_paused = threading.local()
+
+
+@contextmanager
+def _hooks_paused() -> Iterator[None]:
+    """Capture hooks ignore the calls made meanwhile (by a rule running inside a hook)."""
+    before, _paused.active = getattr(_paused, "active", False), True
+    try:
+        yield
+    finally:
+        _paused.active = before
+
+
 @dataclass(eq=False)  # identity: sites hold tensors
 class Site:
     """A module with trainable direct parameters, and what one forward recorded of it."""
@@ -102,12 +116,17 @@ class Site:
     # per_sample capture: Δ goes to on_delta(site, Δ) during the backward of the anchor
     anchor: Optional[Tensor] = None
     on_delta: Optional[Callable[["Site", Any], None]] = None
+    # local capture: on_output(site) runs in the forward hook, while X and Y are as the layer
+    # produced them (a later in-place op, ReLU(inplace=True) or `out += identity`, rewrites Y)
+    on_output: Optional[Callable[["Site"], None]] = None
 
     @property
     def needs_call(self) -> bool:
         return getattr(self.rule, "needs_call", False)
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if getattr(_paused, "active", False):
+            return None
         self.calls += 1
         if self.local:
             return self._local_hook(args, kwargs, output)
@@ -133,6 +152,9 @@ class Site:
         self.bdim = dims[0]
         self.x = detached((args, kwargs)) if self.needs_call else self.samples_first(first.detach())
         self.y = output
+        if self.on_output is not None:
+            with _hooks_paused():  # the rule may call the module again (attention's per-sample VJP)
+                self.on_output(self)
         if self.anchor is None:
             return None
         new = _tapped(self.anchor, lambda _, deltas: self.deliver(deltas), list(outputs))

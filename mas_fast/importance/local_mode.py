@@ -52,8 +52,8 @@ def _rule_failure(s: Site, backend: str) -> str | None:
     return None
 
 
-def _why_not_ruled(s: Site, missing: frozenset) -> str:
-    if s.ruled:
+def _why_not_ruled(s: Site, ruled: bool, missing: frozenset) -> str:
+    if ruled:
         return f"its rule does not compute {', '.join(sorted(missing))}"
     if s.unmatched is not None:
         return f"its input {s.unmatched} has no single dimension of the batch's size"
@@ -78,17 +78,39 @@ def _own_gradients(s: Site, batch: int) -> dict[str, Tensor]:
 
 def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, batch: int,
                state: ImportanceState, verify: bool) -> dict[str, Tensor]:
-    """Σ_k |∂‖Y_k‖²/∂θ| of every site's own parameters (canonical names); records the paths in `state`."""
+    """Σ_k |∂‖Y_k‖²/∂θ| of every site's own parameters (canonical names); records the paths in `state`.
+
+    A ruled layer's rule (and its check) runs in the forward hook, on Y as the layer produced
+    it: a later in-place op (ReLU(inplace=True), `out += identity`) would rewrite a kept Y.
+    """
     for s in sites:
         if state.levels.get(s.path) is not None:
             s.rule = None
+    # per site (by id), from its first call: (why its rule failed the check, or None; rule values)
+    from_hook: dict[int, tuple] = {}
+    checking = [False]
+
+    def on_output(s: Site) -> None:
+        why = _rule_failure(s, backend) if checking[0] else None
+        from_hook[id(s)] = (why, {} if why else _rule_values(s, backend, signed=False))
+        s.x = s.y = None  # used: let the forward free them
+
+    def ruled(s: Site) -> bool:
+        return s.rule is not None and s.calls == 1 and id(s) in from_hook
+
     def run(keep_graph: bool) -> tuple:
+        checking[0] = keep_graph
+        from_hook.clear()
         for s in sites:
             s.release()
-            s.calls, s.unmatched = 0, None
-        with hooked(sites), torch.set_grad_enabled(keep_graph):
-            forward()
-        return tuple((s.path, s.ruled, s.calls) for s in sites if s.calls)
+            s.calls, s.unmatched, s.on_output = 0, None, on_output
+        try:
+            with hooked(sites), torch.set_grad_enabled(keep_graph):
+                forward()
+        finally:
+            for s in sites:
+                s.on_output = None
+        return tuple((s.path, ruled(s), s.calls) for s in sites if s.calls)
 
     # a pass's first batch keeps the forward's graph to verify; a later one only when the
     # layers that ran (or how) differ from the verified ones, at the cost of a second forward
@@ -102,15 +124,13 @@ def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, b
     for s in sites:
         wanted = frozenset(s.params)
         values, path = {}, RULE if s.rule is not None else MODULE_LOCAL
-        if s.ruled:
-            why = _rule_failure(s, backend) if check else None
+        if ruled(s):
+            why, values = from_hook[id(s)]
             if why is not None:
                 state.demote(s.path, s.module, MODULE_LOCAL, why)
-            else:
-                values = _rule_values(s, backend, signed=False)
         if s.calls and set(values) != wanted:  # no rule, or one that does not describe the layer
             if state.levels.get(s.path) is None:
-                state.warn(s.path, s.module, _why_not_ruled(s, wanted - set(values)), MODULE_LOCAL)
+                state.warn(s.path, s.module, _why_not_ruled(s, ruled(s), wanted - set(values)), MODULE_LOCAL)
             values = _own_gradients(s, batch)
             path = MODULE_LOCAL
         sums.update({s.params[a]: v for a, v in values.items()})

@@ -133,8 +133,12 @@ class _BatchPass:
         """The rule on the site's captured input and Δ (and its signed twin on a verified batch)."""
         wanted = frozenset(site.params)
         try:
-            values = site.rule(site.module, site.x, delta, wanted, self.backend)
-            signed = site.rule.signed(site.module, site.x, delta, wanted, self.backend) if self.verifying else {}
+            both = getattr(site.rule, "with_signed", None)  # one computation for both (attention's VJP)
+            if self.verifying and both is not None:
+                values, signed = both(site.module, site.x, delta, wanted, self.backend)
+            else:
+                values = site.rule(site.module, site.x, delta, wanted, self.backend)
+                signed = site.rule.signed(site.module, site.x, delta, wanted, self.backend) if self.verifying else {}
         except RuntimeError as e:  # shapes the rule did not expect: it does not describe this layer
             self.crashed.append((site, f"its rule cannot process the captured tensors ({e})"))
             return

@@ -290,7 +290,15 @@ def mha_signed(module: nn.MultiheadAttention, call: tuple, deltas: tuple, wanted
     return per_sample_grad_sum(*_mha_vjp(module, call, deltas, wanted), statistic=lambda g: g)
 
 
+def mha_with_signed(module: nn.MultiheadAttention, call: tuple, deltas: tuple, wanted: frozenset,
+                    backend: str) -> tuple[dict, dict]:
+    """(Σ_k |g_k|, Σ_k g_k) of attention from one per-sample VJP: a verified batch pays for one."""
+    signed: dict = {}
+    return per_sample_grad_sum(*_mha_vjp(module, call, deltas, wanted), signed_out=signed), signed
+
+
 mha_rule.signed = mha_signed
+mha_rule.with_signed = mha_with_signed
 
 
 mha_rule.needs_call = True

@@ -7,6 +7,8 @@ under torch.compile). Parameters and grads: float32/float64/bfloat16/float16; Ω
 The penalty is accumulated in float64 per 65,536-element chunk, chunks added in a fixed
 order: deterministic and independent of the thread count (torch.get_num_threads()); the value
 is returned as reference.py returns it (Ω's dtype, inf beyond its range, never an error).
+Per-sample importance (per_sample_abs_matmul, conv_abs_grad) runs the fused kernel of
+csrc/cpu/importance.cpp on the shapes where it beats the reference, the reference elsewhere.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 from . import reference
 from .optim_config import AdamConfig, SGDConfig
+from .policy import acc_dtype, samples_per_chunk
 
 Tensor = torch.Tensor
 
@@ -32,12 +35,21 @@ else:
     _IMPORT_ERROR = None
     from . import cpp_registrations  # noqa: F401  (fake implementations, autograd of penalty)
 
-OPS = frozenset({"penalty", "penalty_and_grad_", "merge_", "running_mean_update_", "sgd_step_", "adam_step_"})
+OPS = frozenset({"penalty", "penalty_and_grad_", "merge_", "running_mean_update_", "sgd_step_", "adam_step_",
+                 "per_sample_abs_matmul", "conv_abs_grad"})
 AUTO_DEVICES = frozenset({"cpu"})
 
 _PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _STATE_DTYPES = (torch.float32, torch.float64)
 _STATE_OPS = ("merge_", "running_mean_update_")
+
+# Where the fused per-sample kernel beats the reference's batched GEMM (MKL) + |·| + sum,
+# measured on AVX-512 at B = 32 (docs/benchmarks.md): few positions per sample (2 ≤ T ≤ 16:
+# 1.45-23×); from T ≈ 32 the batched GEMM is faster, at T = 1 the reference's single GEMM of
+# absolute values is exact and faster, and below 4 output rows per group (depthwise
+# convolutions) the kernel's row tiles are mostly padding.
+KERNEL_POSITIONS = range(2, 17)
+KERNEL_MIN_ROWS = 4
 
 
 def build_failure(extension: str) -> Optional[str]:
@@ -76,6 +88,41 @@ def not_supported_reasons(op: str, tensors: Sequence[Tensor]) -> list[str]:
     if devices:
         reasons.append(f"the cpp backend runs CPU tensors only, got tensors on {', '.join(devices)}")
     return reasons + dtype_reasons(op, tensors)
+
+
+def _kernel_pays(positions: int, rows: int) -> bool:
+    return positions in KERNEL_POSITIONS and rows >= KERNEL_MIN_ROWS
+
+
+def per_sample_abs_matmul(delta: Tensor, x: Tensor) -> Tensor:
+    """Σ_k |Σ_t δ_kgt x_kgtᵀ| (see reference.per_sample_abs_matmul): the fused kernel where it
+    is faster than the reference (KERNEL_POSITIONS), the reference elsewhere."""
+    if delta.dim() == 4 and not _kernel_pays(delta.shape[2], delta.shape[3]):
+        return reference.per_sample_abs_matmul(delta, x)
+    return torch.ops.mas_fast.per_sample_abs_matmul(delta, x)
+
+
+def conv_abs_grad(delta: Tensor, x: Tensor, weight_shape: Sequence[int], stride: Sequence[int],
+                  padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """Σ_k |per-sample conv2d weight gradient| (see reference.conv_abs_grad): the unfolded input
+    of a chunk of samples through the fused kernel, where it pays; the reference elsewhere."""
+    B, Cout, Ho, Wo = delta.shape
+    L, O = Ho * Wo, Cout // groups
+    if not _kernel_pays(L, O):
+        return reference.conv_abs_grad(delta, x, weight_shape, stride, padding, dilation, groups)
+    kh, kw = weight_shape[-2:]
+    dt = acc_dtype(delta.dtype, x.dtype)
+    out = torch.zeros(groups, O, x.shape[1] // groups * kh * kw, dtype=dt, device=delta.device)
+    step = samples_per_chunk(x.shape[1] * kh * kw * L, B)
+    for s in range(0, B, step):
+        xs = x[s:s + step]
+        c = xs.shape[0]
+        u = torch.nn.functional.unfold(xs, (kh, kw), dilation=tuple(dilation), padding=tuple(padding),
+                                       stride=tuple(stride))  # (c, Cin*kh*kw, L)
+        u = u.view(c, groups, -1, L).transpose(-1, -2)  # (c, G, L, I)
+        d = delta[s:s + step].reshape(c, groups, O, L).transpose(-1, -2)  # (c, G, L, O)
+        out += torch.ops.mas_fast.per_sample_abs_matmul(d, u)
+    return out.reshape(weight_shape)
 
 
 def penalty(params: Sequence[Tensor], theta_star: Sequence[Tensor], omega: Sequence[Tensor],

@@ -67,6 +67,12 @@ def _per_sample_abs_sum_fake(delta, scale):
     return delta.new_empty((delta.shape[2],), dtype=torch.float32)
 
 
+@torch.library.register_fake("mas_fast::per_sample_abs_matmul")
+def _per_sample_abs_matmul_fake(delta, x):
+    dtype = torch.float64 if torch.float64 in (delta.dtype, x.dtype) else torch.float32
+    return delta.new_empty((delta.shape[1], delta.shape[3], x.shape[3]), dtype=dtype)
+
+
 def _penalty_setup_context(ctx, inputs, output) -> None:
     params, theta_star, omega, lam = inputs
     ctx.count = len(params)

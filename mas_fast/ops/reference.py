@@ -39,11 +39,14 @@ def per_sample_abs_matmul(delta: Tensor, x: Tensor) -> Tensor:
 
     The per-sample reduction over t (sequence positions, conv output pixels) happens
     before the absolute value; samples are processed in chunks so that memory stays
-    O(c·G·O·I), never O(B·G·O·I).
+    O(c·G·O·I), never O(B·G·O·I). With one position (T = 1) each sample's product is rank
+    one, |δ xᵀ| = |δ||x|ᵀ: one GEMM of absolute values per group.
     """
-    B, G, _, O = delta.shape
+    B, G, T, O = delta.shape
     I = x.shape[-1]
     dt = acc_dtype(delta.dtype, x.dtype)
+    if T == 1:
+        return delta[:, :, 0].to(dt).abs().permute(1, 2, 0) @ x[:, :, 0].to(dt).abs().transpose(0, 1)
     out = torch.zeros(G, O, I, dtype=dt, device=delta.device)
     step = samples_per_chunk(G * O * I, B)
     for s in range(0, B, step):
@@ -88,8 +91,7 @@ def conv_abs_grad(
     L = delta.shape[2] * delta.shape[3]
     dt = acc_dtype(delta.dtype, x.dtype)
     out = torch.zeros(G, Cout // G, cin_g * kh * kw, dtype=dt, device=delta.device)
-    per_sample = max(Cout * cin_g * kh * kw, x.shape[1] * kh * kw * L)
-    step = samples_per_chunk(per_sample, B)
+    step = samples_per_chunk(x.shape[1] * kh * kw * L, B)  # per_sample_abs_matmul bounds its own
     for s in range(0, B, step):
         xs = x[s:s + step].to(dt)
         c = xs.shape[0]
@@ -97,7 +99,7 @@ def conv_abs_grad(
                      stride=tuple(stride))  # (c, Cin*kh*kw, L)
         u = u.view(c, G, cin_g * kh * kw, L).transpose(-1, -2)  # (c, G, L, I)
         d = delta[s:s + step].to(dt).reshape(c, G, Cout // G, L).transpose(-1, -2)  # (c, G, L, O)
-        out += (d.transpose(-1, -2) @ u).abs_().sum(0)
+        out += per_sample_abs_matmul(d, u)
     return out.reshape(weight_shape)
 
 
