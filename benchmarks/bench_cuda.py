@@ -1,4 +1,4 @@
-"""GPU: the MAS penalty and the fused optimizer step at 100M fp32 parameters (issue 5's bars).
+"""GPU: the MAS penalty and the fused optimizer step at 100M fp32 parameters, with their bars.
 
 Parameters are a stack of 4096×4096 layers with biases (16,781,312 each; 6 layers ≈ 100.7M),
 fp32, θ* = θ + noise, Ω ≥ 0, gradients present. Groups (one baseline each, same run):
@@ -179,7 +179,7 @@ def _seconds(group: str, name: str) -> float:
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_bars(backend):
-    """Issue 5's goals, from this run's rows (fails, with the numbers, when one is missed)."""
+    """The goals, from this run's rows (fails, with the numbers, when one is missed)."""
     kernel = _seconds("penalty", f"{backend} penalty_and_grad_")
     roof = _seconds("penalty", "copy_") / kernel
     speedup = _seconds("penalty", "autograd") / kernel

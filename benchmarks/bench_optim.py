@@ -9,7 +9,7 @@ holding θ* and Ω for every parameter). Rows per size:
 - fused AdamW+MAS proximal: the same with penalty_step="proximal" (the penalty's proximal map
   after the loss-only Adam update).
 Each size runs with 1 thread and with all cores (see bench_penalty.py). `test_goals` checks
-issue 4's bars on this run's rows: fused ≤ 1.15× the penalty-free torch step, and ≥ 2.5×
+the bars on this run's rows: fused ≤ 1.15× the penalty-free torch step, and ≥ 2.5×
 faster than torch AdamW + autograd penalty; `test_proximal_goal`: the proximal fused step
 ≤ 1.05× the explicit one. `test_sgd_step` times fused SGD (momentum 0.9) explicit and proximal.
 """
@@ -113,7 +113,7 @@ def test_proximal_goal():
 
 
 def test_goals():
-    """Issue 4: fused ≤ 1.15× torch AdamW without penalty; ≥ 2.5× faster than + autograd penalty."""
+    """The bars: fused ≤ 1.15× torch AdamW without penalty; ≥ 2.5× faster than + autograd penalty."""
     failures = []
     for name, t in timings(SUITE, METHODS).items():
         overhead = t["fused AdamW+MAS"] / t["torch AdamW"]

@@ -11,7 +11,7 @@ per size:
 Each size runs with 1 thread and with torch's default (all cores), one group per pair: on a
 shared 2-core box, a second OpenMP thread can wait a whole scheduler tick at every barrier
 while another job holds a core, which slows torch's own ops far more than the kernels.
-`test_goals` checks issue 4's bars on this run's rows: fused ≥ 4× faster than autograd, and
+`test_goals` checks the bars on this run's rows: fused ≥ 4× faster than autograd, and
 its effective bandwidth ≥ 0.7 of copy_'s (time of copy_ / time of the kernel).
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ def test_penalty(benchmark, size, threads, method):
 
 
 def test_goals():
-    """Issue 4: ≥ 4× faster than autograd; ≥ 0.7 of copy_'s bandwidth, in every group."""
+    """The bars: ≥ 4× faster than autograd; ≥ 0.7 of copy_'s bandwidth, in every group."""
     failures = []
     for name, t in timings(SUITE, METHODS).items():
         speedup = t["autograd"] / t["cpp penalty_and_grad_"]

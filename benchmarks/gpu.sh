@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU campaign, one script: build mas_fast._C with the CUDA kernels, run the CUDA and
-# Triton tests on the GPU, then the GPU benchmarks (issue 5: penalty and fused AdamW at 100M
-# fp32 parameters; issue 6: exact per-sample importance vs batch mode, vmap and Opacus).
+# Triton tests on the GPU, then the GPU benchmarks (penalty and fused AdamW at 100M fp32
+# parameters; exact per-sample importance vs batch mode, vmap and Opacus).
 # JSON results (device name, torch/CUDA versions, sizes, times, ratios) and the logs go to
 # $OUT (default benchmarks/results). Each step has its own time limit so that the whole run
 # stays under 8 minutes on an H100; a failed step is reported and the next one still runs.

@@ -191,24 +191,15 @@ def tiny_llama(seed=0):
                                         pad_token_id=0))
 
 
-def _llama_exact_rules():
-    """Llama with RMSNorm frozen: every trainable parameter has an exact rule, sdpa attention."""
-    model = tiny_llama()
-    for name, p in model.named_parameters():
-        p.requires_grad_("norm" not in name)
-    return model
-
-
-def _gpt2_eager():
-    """GPT-2 (tied wte/lm_head, Conv1D: the vmap fallback) with eager attention, whose mask code
-    vmap can run (sdpa's branches on the mask's values)."""
+def _gpt2():
+    """GPT-2 with sdpa attention: Conv1D on its rule, the tied wte/lm_head on the module-local path."""
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=SEQ,
-                                      bos_token_id=0, eos_token_id=0, attn_implementation="eager"))
+                                      bos_token_id=0, eos_token_id=0, attn_implementation="sdpa"))
 
 
-@pytest.mark.parametrize("make_model, probe", [(_llama_exact_rules, "model.lm_head.weight"),
-                                               (_gpt2_eager, "model.transformer.wte.weight")])
+@pytest.mark.parametrize("make_model, probe", [(tiny_llama, "model.lm_head.weight"),
+                                               (_gpt2, "model.transformer.wte.weight")])
 def test_padded_positions_do_not_count_toward_importance(tmp_path, make_model, probe):
     """Right-padded batches through the Trainer give the Ω of the unpadded sequences."""
     g = torch.Generator().manual_seed(6)
