@@ -12,13 +12,11 @@ rank the same sum).
 """
 import os
 import socket
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -26,10 +24,10 @@ from mas_fast import MAS
 from mas_fast.distributed import RankFailedError
 from models import make_case
 from state_checks import assert_same_state, snapshot
+import spawn
 from tolerances import assert_close
 
 WORLD = 2
-TIMEOUT_S = 240
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -201,16 +199,7 @@ def free_port():
 
 
 def run_ranks(out_dir):
-    """Spawn the ranks; fail (never hang) if they do not finish in TIMEOUT_S."""
-    ctx = mp.start_processes(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD} ranks did not finish within {TIMEOUT_S} s")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawn.run_ranks(_worker, (free_port(), str(out_dir)), WORLD, out_dir)
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,19 @@ Tolerance: float64 models, so the ranks differ from one process only in float su
 (tests/tolerances.py's float64 bound; far below the 1e-6 relative the design asks for).
 """
 import os
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mas_fast import MAS
 from mas_fast.optim import AdamW
+import spawn
 from tolerances import assert_close
 
-TIMEOUT_S = 240
 MODES = ("per_sample", "batch", "local")
 LAMBDA = 0.7
 
@@ -205,16 +203,7 @@ def _worker(rank, world, out_dir, checkpoint, job):
 
 
 def run_ranks(world, out_dir, checkpoint, job):
-    """Spawn `world` ranks; fail (never hang) if they do not finish in TIMEOUT_S."""
-    ctx = mp.start_processes(_worker, args=(world, str(out_dir), str(checkpoint), job),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {world} ranks did not finish within {TIMEOUT_S} s")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    return spawn.run_ranks(_worker, (world, str(out_dir), str(checkpoint), job), world, out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +301,7 @@ def test_docs_example_runs_under_torchrun(tmp_path):
     script.write_text(code, encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=spawn.TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 

@@ -1,0 +1,25 @@
+"""Spawning gloo ranks for a test: every rank saves its results; a hang fails the test."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 240
+
+
+def run_ranks(worker: Callable, args: tuple, world: int, out_dir: Path) -> list:
+    """Spawn `world` ranks of worker(rank, *args), each writing out_dir/rank{r}.pt; returns what
+    they wrote. Fails (never hangs) when they do not finish within TIMEOUT_S."""
+    ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {world} ranks did not finish within {TIMEOUT_S} s")
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
