@@ -89,7 +89,10 @@ def unsharded(model: nn.Module) -> Iterator[None]:
             g.post_forward_mesh_info, g.reshard_after_backward = post_forward, after_backward
         for m, was_auto in zip(modules, auto):
             m._get_fsdp_state()._auto_reshard_after_forward = was_auto
-            m.reshard()
+        # Not `m.reshard()`: a group whose last use was a forward (no backward after it) counts as
+        # mid-forward, and the root, which never reshards after forward, would stay unsharded.
+        for g in groups:
+            g._to_sharded()
 
 
 def shard_like(full: Tensor, param: Tensor) -> Tensor:
