@@ -13,7 +13,8 @@ after `unscale_gradients`, which the callback wraps.
 Task 1: each rank consolidates its shard of the training data; Ω is sharded like the parameters.
 Task 2: one optimizer step with the penalty, gradient accumulation and clipping on each rank.
 Gathered Ω and parameters must equal one process (batch of all samples, loss + mas.penalty(),
-clip, SGD step) to fp32 round-off.
+clip, SGD step) to fp32 round-off. The checkpoint written after task 2's step holds task 1's
+whole Ω and θ*.
 """
 import os
 import socket
@@ -105,7 +106,9 @@ def rank_main(rank, port, out):
     omega = {n: whole(t) for n, t in callback.mas.importance.items()}
     sharded = sorted(n for n, t in callback.mas.importance.items() if is_sharded(t))
     moved(model)
-    trainer_class(model=model, args=arguments(out, **common), train_dataset=task2, callbacks=[callback]).train()
+    # A checkpoint after the step: every rank gathers the MAS state, rank 0 writes it.
+    trainer_class(model=model, args=arguments(out, **common, save_strategy="steps", save_steps=1, save_only_model=True),
+                  train_dataset=task2, callbacks=[callback]).train()
     params = {n: whole(p.detach()) for n, p in model.named_parameters()}
     torch.save({"wrapped": wrapped, "omega": omega, "sharded": sharded, "params": params, "penalty": callback.last_penalty},
                os.path.join(out, f"rank{rank}.pt"))
@@ -115,7 +118,7 @@ def test_fsdp2_trainer_matches_one_process(tmp_path):
     ranks = spawn.run_ranks(rank_main, (free_port(), str(tmp_path)), WORLD, tmp_path)
 
     from mas_fast import MAS
-    from mas_fast.integrations.transformers import KeywordCall
+    from mas_fast.integrations.transformers import STATE_FILE, KeywordCall
 
     model, task1, task2 = setup()
     mas = MAS(KeywordCall(model), lambda_=LAMBDA)
@@ -130,7 +133,10 @@ def test_fsdp2_trainer_matches_one_process(tmp_path):
         assert r["wrapped"][0] == "FSDPGPT2LMHeadModel" and r["wrapped"].count("FSDPGPT2Block") == 2, r["wrapped"]
         assert r["sharded"] == sorted(mas.importance)  # every Ω entry a DTensor on every rank
         assert r["penalty"] == pytest.approx(penalty.item(), rel=1e-4)
+    saved = torch.load(tmp_path / "checkpoint-1" / STATE_FILE, weights_only=True)  # task 1's state, whole
     for n, v in mas.importance.items():
+        torch.testing.assert_close(saved["omega"][n], v, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(saved["theta_star"][n], mas.theta_star[n])
         for r in ranks:
             torch.testing.assert_close(r["omega"][n], v, rtol=1e-4, atol=1e-7)
     for n, p in model.named_parameters():

@@ -16,8 +16,9 @@
   optimizer step (to clip, or to measure the norm when clipping is off). The wrapper is
   removed at the end of `train()`. The Trainer is found from the callback event's caller
   (callbacks are not handed the Trainer).
-- The MAS state is saved as `mas_state.pt` in every checkpoint folder; `train(
-  resume_from_checkpoint=...)` restores Ω, θ* and the running importance of the task.
+- The MAS state is saved as `mas_state.pt` in every checkpoint folder (whole tensors under
+  FSDP2, gathered by every rank); `train(resume_from_checkpoint=...)` restores Ω, θ* and the
+  running importance of the task (each rank keeps its shard under FSDP2).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import torch.nn as nn
 
 from ..importance import batch_size
 from ..regularizer import MAS
+from ..sharding import is_sharded
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -238,10 +240,17 @@ class MASCallback(TrainerCallback):
         self.mas.consolidate(_Inputs(loader, self.max_samples), progress=progress)
 
     def on_save(self, args, state, control, **kwargs):
-        if self.mas is not None and state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(folder):
-                torch.save(self.mas.state_dict(), os.path.join(folder, STATE_FILE))
+        if self.mas is None:
+            return
+        # FSDP2: the state is gathered into whole tensors by every rank (a collective), so the file
+        # holds all of Ω and θ* and loads at any world size; rank 0 writes it.
+        sharded = any(is_sharded(p) for p in self.mas.model.parameters())
+        if not (sharded or state.is_world_process_zero):
+            return
+        saved = self.mas.state_dict(full_state_dict=sharded)
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            torch.save(saved, os.path.join(folder, STATE_FILE))
 
 
 __all__ = ["MASCallback", "KeywordCall", "logits", "without_labels"]
