@@ -83,9 +83,16 @@ def unsharded(model: nn.Module) -> Iterator[None]:
             m.set_reshard_after_forward(False, recurse=False)
             m.set_reshard_after_backward(False, recurse=False)
             m.unshard()
+        # The settings alone do not hold: a module called again inside its own forward (a layer
+        # rule's forward hook) ends its inner call IDLE, and the outer post-forward then
+        # reshards; the next use all-gathers again, a collective only ranks with more batches
+        # run. So FSDP's own reshard is a no-op for the duration (an instance attribute).
+        for g in groups:
+            g.reshard = _keep_unsharded
         yield
     finally:
         for g, (post_forward, after_backward) in zip(groups, saved):
+            vars(g).pop("reshard", None)
             g.post_forward_mesh_info, g.reshard_after_backward = post_forward, after_backward
         for m, was_auto in zip(modules, auto):
             m._get_fsdp_state()._auto_reshard_after_forward = was_auto
@@ -93,6 +100,10 @@ def unsharded(model: nn.Module) -> Iterator[None]:
         # mid-forward, and the root, which never reshards after forward, would stay unsharded.
         for g in groups:
             g._to_sharded()
+
+
+def _keep_unsharded() -> None:
+    """FSDP2 `FSDPParamGroup.reshard` while `unsharded` holds the model: nothing."""
 
 
 def shard_like(full: Tensor, param: Tensor) -> Tensor:
