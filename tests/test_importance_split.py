@@ -38,9 +38,22 @@ def assert_equal_to(sums, expected):
         assert_close(sums[name], e, torch.float64, name)
 
 
+class FixedPositions(nn.Module):
+    """Features (B, 3) plus a table of 7 positions looked up with ids (1, 7): with B == 7 only the
+    position ids have a dimension of the batch's size besides a broadcast one."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.pos, self.head = nn.Linear(3, 4), nn.Embedding(7, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin(x) + self.pos(torch.arange(7).unsqueeze(0)).square().mean(1)
+        return self.head(torch.tanh(h))
+
+
 def local_oracle(model, x):
-    """Σ_k |∂‖Y_k‖²/∂θ| of every Linear's own output Y, one sample at a time with autograd."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    """Σ_k |∂‖Y_k‖²/∂θ| of every layer's own output Y, one sample at a time with autograd."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     out = {f"{n}.{a}": torch.zeros_like(p) for n, m in linears.items() for a, p in m.named_parameters()}
     for k in range(x.shape[0]):
         outputs = {}
@@ -86,6 +99,18 @@ def test_local_mode_splits_too():
     assert n == 6
     assert_equal_to(sums, local_oracle(model, x))
     assert set(state.coverage.values()) == {"rule"}
+
+
+@pytest.mark.parametrize("mode", ["per_sample", "local"])
+def test_position_ids_as_many_as_the_samples(mode):
+    """Ids (1, T) with T == B read as seq-first would give Σ_t |g_t|; the split tells them apart."""
+    torch.manual_seed(0)
+    model, x = FixedPositions().double(), torch.randn(7, 3, dtype=torch.float64)
+    sums, n, state = importance(model, x, mode=mode)
+    assert n == 7
+    assert_equal_to(sums, oracle_per_sample(model, x) if mode == "per_sample" else local_oracle(model, x))
+    # local mode: broadcast ids give every sample the same Y, served by the module's own gradient
+    assert state.coverage["pos.weight"] == ("rule" if mode == "per_sample" else "module-local")
 
 
 def test_batch_mode_is_not_split():
