@@ -80,6 +80,29 @@ def test_sequence_as_long_as_the_batch_is_served_by_rules(B, T):
     assert set(state.coverage.values()) == {"rule"}
 
 
+class SeqFirst(nn.Module):
+    """A Linear fed (T, B, D): with T == 1 its input reads like broadcast ids (1, B) at any B."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, x):  # x: (B, T, 4)
+        return self.proj(x.transpose(0, 1)).transpose(0, 1).mean(1)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_seq_first_inputs_are_split_until_unambiguous(T):
+    torch.manual_seed(0)
+    model, x = SeqFirst().double(), torch.randn(5, T, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sums, n, state = importance(model, x)
+    assert n == 5
+    assert_equal_to(sums, oracle_per_sample(model, x))
+    assert set(state.coverage.values()) == {"rule"}
+
+
 def test_single_sample_with_a_single_position():
     """B = 1 with T = 1: every dimension of size 1 indexes the one sample exactly."""
     torch.manual_seed(0)
