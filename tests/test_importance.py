@@ -304,7 +304,9 @@ def test_attention_with_masks_weights_and_separate_key_value_dims():
 
 
 @pytest.mark.parametrize("layout", ["flattened", "seq-first T == B"])
-def test_layers_without_a_unique_sample_dimension_fall_back_exactly(layout):
+def test_layers_without_a_unique_sample_dimension_stay_exact(layout):
+    """Flattened: the whole-model fallback. Seq-first with T == B: sub-batches (2 and 1 samples)
+    make the sample dimension unique, and the rule serves it."""
     class Tokens(nn.Module):
         def __init__(self):
             super().__init__()
@@ -321,8 +323,12 @@ def test_layers_without_a_unique_sample_dimension_fall_back_exactly(layout):
     torch.manual_seed(0)
     model = Tokens().double()
     x = torch.randn(3, 3, 4, dtype=torch.float64)  # T == B: (T, B, 4) is ambiguous
-    with pytest.warns(UserWarning, match="no single dimension"):
-        sums, _ = batch_importance(model, x, trainable(model), "per_sample")
+    state = ImportanceState()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sums, _ = batch_importance(model, x, trainable(model), "per_sample", state=state)
+    assert any("no single dimension" in str(w.message) for w in caught) == (layout == "flattened")
+    assert state.coverage["proj.weight"] == ("whole-model" if layout == "flattened" else "rule")
     expected = oracle_per_sample(model, x)
     for n in expected:
         assert_close(sums[n], expected[n], torch.float64, n)

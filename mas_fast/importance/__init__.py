@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .capture import Site, eval_mode
 from .local_mode import local_sums
 from .objective import NORMS, PAPER, Objective, train_mode
-from .per_sample import per_sample_sums
+from .per_sample import AmbiguousSamples, per_sample_sums
 from .rules import rule_for
 from .state import RULE, WHOLE_MODEL, ImportanceState, describe
 from ..ops.policy import acc_dtype
@@ -130,6 +130,28 @@ def _per_sample(model, x, params, output_fn, backend, batch, state: ImportanceSt
     return sums
 
 
+def _halves(x: Any, batch: int) -> list[tuple[Any, int]]:
+    """`x` as sub-batches of ⌈B/2⌉ and ⌊B/2⌋ samples: every tensor leaf whose dimension 0 has the
+    batch's size is split, the other leaves (shared tables, broadcast ids) go to both."""
+    def part(rows: slice) -> Any:
+        return tree_map(lambda t: t[rows] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch else t, x)
+    half = (batch + 1) // 2
+    return [(part(slice(0, half)), half), (part(slice(half, batch)), batch - half)]
+
+
+def _over_sub_batches(sums_of: Callable[[Any, int], dict[str, Tensor]], x: Any, batch: int) -> dict[str, Tensor]:
+    """`sums_of(x, batch)`, or, where a layer cannot tell its samples apart (a dimension other than
+    the samples' has the batch's size), the sum over two smaller sub-batches, split again as long
+    as needed (a single sample is never ambiguous). Exact: Σ_k |g_k| is a sum over samples."""
+    try:
+        return sums_of(x, batch)
+    except AmbiguousSamples:
+        sums: dict[str, Tensor] = {}
+        for part, size in _halves(x, batch):
+            _add(sums, _over_sub_batches(sums_of, part, size))
+        return sums
+
+
 def _batch(model, x, params, output_fn, batch, state: ImportanceState, objective: Objective) -> dict[str, Tensor]:
     """|∇ part(F)| of the batch output F, summed over the objective's parts (one forward)."""
     state.record_coverage({n: "batch" for n in params})
@@ -198,13 +220,14 @@ def batch_importance(model: nn.Module, x: Any, params: dict[str, Tensor], mode: 
     with torch.inference_mode(False), (train_mode if objective.train else eval_mode)(model):
         x = _outside_inference_mode(x, params)
         if mode == "per_sample":
-            sums = _per_sample(model, x, params, output_fn, backend, batch, state, verify, objective)
-        elif mode == "batch":
+            sums = _over_sub_batches(lambda x, batch: _per_sample(model, x, params, output_fn, backend, batch, state,
+                                                                  verify, objective), x, batch)
+        elif mode == "batch":  # |Σ_k g_k| of a batch is not a sum over sub-batches: never split
             sums = _batch(model, x, params, output_fn, batch, state, objective)
         else:
-            sites = sites_of(model, params, "local", batch)
-            sums = local_sums(sites, lambda: output_tensor(model(x), output_fn, batch), backend, batch, state,
-                              verify)
+            sums = _over_sub_batches(lambda x, batch: local_sums(
+                sites_of(model, params, "local", batch), lambda: output_tensor(model(x), output_fn, batch), backend,
+                batch, state, verify), x, batch)
     result = {n: sums[n] if n in sums else _zeros(p) for n, p in params.items()}
     peaks = [v.amax() for v in result.values() if v.numel()]
     if peaks and not bool(torch.isfinite(torch.stack([p.to(torch.float64) for p in peaks])).all()):

@@ -102,6 +102,7 @@ class Site:
     calls: int = 0
     bdim: int = 0                     # the dimension of the layer's input that indexes samples
     unmatched: Optional[tuple] = None  # input shape without a unique sample dimension
+    ambiguous: bool = False           # ...because several dimensions have the batch's size
     x: Any = None                     # the input, samples first (the whole call for `needs_call` rules)
     y: Any = None                     # the output (a tuple for `needs_call` rules)
     call_args: list = field(default_factory=list)
@@ -138,16 +139,18 @@ class Site:
             return None
         first = args[0]
         dims = [d for d in self.rule.sample_dims(module, first) if first.shape[d] == self.batch]
-        broadcast = not self.needs_call and self._broadcast(first, outputs[0]) and \
-            0 in self.rule.sample_dims(module, first)
-        if broadcast and dims:  # (1, T) with T == B: broadcast ids, or seq-first (T=1, B)? Unknown.
+        size_one = not self.needs_call and self.batch > 1 and 0 in self.rule.sample_dims(module, first) and \
+            all(t.dim() > 0 and t.shape[0] == 1 for t in (first, outputs[0]))
+        if size_one and dims:  # (1, T) with T == B: broadcast ids, or seq-first (T=1, B)? Unknown.
             dims.append(0)
-        elif broadcast:
+        elif size_one and self._broadcast(first, outputs[0]):
             first, outputs = self._expand(first), (self._expand(outputs[0]),)
             output, dims = outputs[0], [0]
+        if len(dims) > 1 and self.batch == 1:  # one sample: any dimension of size 1 indexes it exactly
+            dims = dims[:1]
         if len(dims) != 1:  # which dimension holds the samples is unknown: fallback
             self.x = self.y = None
-            self.unmatched = tuple(first.shape)
+            self.unmatched, self.ambiguous = tuple(first.shape), len(dims) > 1
             return None
         self.bdim = dims[0]
         self.x = detached((args, kwargs)) if self.needs_call else self.samples_first(first.detach())

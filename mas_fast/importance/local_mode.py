@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 from .capture import Site, detached, hooked, without_autocast
 from .fallback import module_local
 from .objective import squared_norm
+from .per_sample import AmbiguousSamples, ambiguous_sites
 from .state import MODULE_LOCAL, RULE, ImportanceState, describe
 from .verify import mismatch, tolerance
 
@@ -103,7 +104,7 @@ def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, b
         from_hook.clear()
         for s in sites:
             s.release()
-            s.calls, s.unmatched, s.on_output = 0, None, on_output
+            s.calls, s.unmatched, s.ambiguous, s.on_output = 0, None, False, on_output
         try:
             with hooked(sites), torch.set_grad_enabled(keep_graph):
                 forward()
@@ -116,6 +117,8 @@ def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, b
     # layers that ran (or how) differ from the verified ones, at the cost of a second forward
     check = verify and state.verified_on is None
     structure = run(keep_graph=check)
+    if ambiguous_sites(sites, batch):  # smaller sub-batches make the sample dimension unique
+        raise AmbiguousSamples
     if verify and not check and state.needs_verification(structure):
         check = True
         structure = run(keep_graph=True)

@@ -35,6 +35,16 @@ class _Demoted(Exception):
     """A module was demoted after the forward or the check: compute the batch again."""
 
 
+class AmbiguousSamples(Exception):
+    """A layer's input has several dimensions of the batch's size (T == B): the batch is computed
+    again as smaller sub-batches (importance is a sum over samples), not by the whole-model path."""
+
+
+def ambiguous_sites(sites: list[Site], batch: int) -> list[Site]:
+    """The sites whose sample dimension a smaller batch would make unique."""
+    return [s for s in sites if s.ambiguous] if batch > 1 else []
+
+
 def _structure(sites: list[Site]) -> tuple:
     """What verification depends on: which modules ran, how, on inputs of which rank and dtype."""
     def signature(s: Site) -> tuple:
@@ -88,6 +98,8 @@ def per_sample_sums(model: nn.Module, x: Any, params: dict[str, Tensor], sites_f
             return batch_pass.run()
         except _Demoted:
             continue
+        except AmbiguousSamples:
+            raise
         except Exception as e:  # noqa: BLE001 — retried without the substitutions, else raised
             expanded = [s for s in sites if s.expanded]
             if not (expanded or batch_pass.proxies):
@@ -152,6 +164,8 @@ class _BatchPass:
             if s.rule is not None and s.calls > 1:
                 state.demote(s.path, s.module, MODULE_LOCAL, f"called {s.calls} times in one forward")
                 raise _Demoted
+        if ambiguous_sites(sites, self.batch):  # before any backward or whole-model work
+            raise AmbiguousSamples
         self.structure = _structure(sites)
         self.verifying = self.verify and state.needs_verification(self.structure)
         expanded = [s for s in sites if s.expanded]
@@ -281,4 +295,4 @@ def _verify(ruled: list[Site], local: list[Site], params: dict[str, Tensor], sig
         raise _Demoted
 
 
-__all__ = ["per_sample_sums"]
+__all__ = ["AmbiguousSamples", "ambiguous_sites", "per_sample_sums"]
