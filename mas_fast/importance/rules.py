@@ -234,16 +234,103 @@ def embedding_signed(module: nn.Embedding, x, delta, wanted, backend) -> dict:
 embedding_rule.signed = embedding_signed
 
 
-def _mha_vjp(module: nn.MultiheadAttention, call: tuple, deltas: tuple, wanted: frozenset):
-    """(objective, params, per-sample inputs, B) of attention's per-sample VJP."""
+def _mha_arguments(module: nn.MultiheadAttention, call: tuple) -> dict:
+    """The call's bound arguments (defaults applied), after checking the query is batched."""
     args, kwargs = call
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     bound.apply_defaults()
     a = bound.arguments
-    bdim = 0 if module.batch_first else 1
     if a["query"].dim() != 3:
         raise ValueError(f"MultiheadAttention received a query of shape {tuple(a['query'].shape)} without a "
                          "batch dimension; MAS needs batched inputs")
+    return a
+
+
+def _mha_closed_form_applies(module: nn.MultiheadAttention, deltas: tuple) -> bool:
+    """The closed form covers the projections when only the output reaches F; bias_k / bias_v,
+    zero attention, attention weights in F and dropout in training take the per-sample VJP."""
+    return (deltas[0] is not None and deltas[1] is None and module.bias_k is None
+            and module.bias_v is None and not module.add_zero_attn
+            and not (module.training and module.dropout > 0))
+
+
+def _additive_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """A boolean mask (True: not attended) as the additive -inf mask torch's attention builds."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+def _mha_projection_grads(module: nn.MultiheadAttention, a: dict, delta: Tensor, wanted: frozenset) -> dict:
+    """Batch-first pieces of attention's closed form: inputs x (B, L|S, E_in) of the q, k, v
+    projections, their output gradients δ from one autograd VJP of the attention core (no
+    per-sample loop; skipped when only out_proj is wanted), the core's output o (B, L, E) and Δ,
+    the gradient of out_proj's output. The core is torch's: masks merged as
+    F.multi_head_attention_forward merges them."""
+    bdim = 0 if module.batch_first else 1
+    xs = [a[n].movedim(bdim, 0) for n in ("query", "key", "value")]
+    B, L, E = xs[0].shape
+    S, H = xs[1].shape[1], module.num_heads
+    if module._qkv_same_embed_dim:
+        weights = module.in_proj_weight.detach().chunk(3)
+    else:
+        weights = [module.get_parameter(f"{n}_proj_weight").detach() for n in "qkv"]
+    biases = [None] * 3 if module.in_proj_bias is None else module.in_proj_bias.detach().chunk(3)
+    padding = _additive_mask(a["key_padding_mask"], xs[0].dtype)
+    causal = a["is_causal"] and padding is None and not a["need_weights"]
+    mask = None if causal else _additive_mask(a["attn_mask"], xs[0].dtype)
+    if mask is not None and mask.dim() == 3:  # (B·H, L, S)
+        mask = mask.view(B, H, L, S)
+    if padding is not None:
+        padding = padding.view(B, 1, 1, S)
+        mask = padding if mask is None else mask + padding
+    in_projections = bool(wanted - {"out_proj.weight", "out_proj.bias"})
+    d_out = delta.movedim(bdim, 0)
+    with torch.set_grad_enabled(in_projections):
+        qkv = [F.linear(x.detach(), w, b).requires_grad_(in_projections) for x, w, b in zip(xs, weights, biases)]
+        heads = [t.view(B, -1, H, E // H).transpose(1, 2) for t in qkv]
+        o = F.scaled_dot_product_attention(*heads, attn_mask=mask, is_causal=causal)
+        o = o.transpose(1, 2).reshape(B, L, E)
+        deltas = torch.autograd.grad(o, qkv, d_out @ module.out_proj.weight.detach()) if in_projections else ()
+    return {"x": xs, "delta": list(deltas), "o": o.detach(), "d_out": d_out}
+
+
+def _mha_closed_form(module: nn.MultiheadAttention, pieces: dict, wanted: frozenset,
+                     weight_fn: Callable[[Tensor, Tensor], Tensor],
+                     bias_fn: Callable[[Tensor], Tensor]) -> dict:
+    """Each wanted parameter from the pieces: a projection's weight from weight_fn(δ, x) (both
+    (B, T, ·)), a bias from bias_fn(δ); in_proj stacks q, k, v along its rows."""
+    x, d = pieces["x"], pieces["delta"]
+    out = {}
+    if "out_proj.weight" in wanted:
+        out["out_proj.weight"] = weight_fn(pieces["d_out"], pieces["o"])
+    if "out_proj.bias" in wanted:
+        out["out_proj.bias"] = bias_fn(pieces["d_out"])
+    if "in_proj_weight" in wanted:
+        out["in_proj_weight"] = torch.cat([weight_fn(di, xi) for di, xi in zip(d, x)])
+    for i, n in enumerate("qkv"):
+        if f"{n}_proj_weight" in wanted:
+            out[f"{n}_proj_weight"] = weight_fn(d[i], x[i])
+    if "in_proj_bias" in wanted:
+        out["in_proj_bias"] = torch.cat([bias_fn(di) for di in d])
+    return out
+
+
+def _abs_fns(backend: str) -> tuple[Callable, Callable]:
+    return (lambda d, x: ops.per_sample_abs_matmul(d.unsqueeze(1), x.unsqueeze(1), backend=backend)[0],
+            lambda d: ops.per_sample_abs_sum(d, backend=backend))
+
+
+def _signed_fns() -> tuple[Callable, Callable]:
+    def weight(d: Tensor, x: Tensor) -> Tensor:
+        dt = acc_dtype(d.dtype, x.dtype)
+        return d.reshape(-1, d.shape[-1]).to(dt).t() @ x.reshape(-1, x.shape[-1]).to(dt)
+    return weight, lambda d: d.reshape(-1, d.shape[-1]).to(acc_dtype(d.dtype)).sum(0)
+
+
+def _mha_vjp(module: nn.MultiheadAttention, a: dict, deltas: tuple, wanted: frozenset):
+    """(objective, params, per-sample inputs, B) of attention's per-sample VJP."""
+    bdim = 0 if module.batch_first else 1
     B = a["query"].shape[bdim]
     batched = {n: a[n].movedim(bdim, 0) for n in ("query", "key", "value")}
     out_delta = deltas[0] if deltas[0] is not None else torch.zeros_like(a["query"])  # only weights used
@@ -276,25 +363,38 @@ def _mha_vjp(module: nn.MultiheadAttention, call: tuple, deltas: tuple, wanted: 
 
 def mha_rule(module: nn.MultiheadAttention, call: tuple, deltas: tuple, wanted: frozenset,
              backend: str) -> dict:
-    """nn.MultiheadAttention: g_k = J_kᵀ δ_k, a per-sample vector-Jacobian product of the
-    attention module alone (torch.func, in chunks of samples), from its captured inputs and
-    output gradients — instead of per-sample gradients of the whole model. Covers the
-    projections (in_proj / q,k,v_proj, out_proj) and bias_k / bias_v.
+    """nn.MultiheadAttention. When only its output reaches F: closed form, g_k of a projection
+    is Σ_t δ_kt x_ktᵀ, with the δ of q, k, v from one batched VJP of the attention core.
+    Otherwise (bias_k / bias_v, add_zero_attn, attention weights in F): g_k = J_kᵀ δ_k, a
+    per-sample VJP of the attention module alone (torch.func, in chunks of samples).
     """
-    return per_sample_grad_sum(*_mha_vjp(module, call, deltas, wanted))
+    a = _mha_arguments(module, call)
+    if _mha_closed_form_applies(module, deltas):
+        pieces = _mha_projection_grads(module, a, deltas[0], wanted)
+        return _mha_closed_form(module, pieces, wanted, *_abs_fns(backend))
+    return per_sample_grad_sum(*_mha_vjp(module, a, deltas, wanted))
 
 
 def mha_signed(module: nn.MultiheadAttention, call: tuple, deltas: tuple, wanted: frozenset,
                backend: str) -> dict:
-    """Σ_k g_k of attention: the same per-sample VJP, summed without the absolute value."""
-    return per_sample_grad_sum(*_mha_vjp(module, call, deltas, wanted), statistic=lambda g: g)
+    """Σ_k g_k of attention: the same pieces, summed without the absolute value."""
+    a = _mha_arguments(module, call)
+    if _mha_closed_form_applies(module, deltas):
+        return _mha_closed_form(module, _mha_projection_grads(module, a, deltas[0], wanted), wanted,
+                                *_signed_fns())
+    return per_sample_grad_sum(*_mha_vjp(module, a, deltas, wanted), statistic=lambda g: g)
 
 
 def mha_with_signed(module: nn.MultiheadAttention, call: tuple, deltas: tuple, wanted: frozenset,
                     backend: str) -> tuple[dict, dict]:
-    """(Σ_k |g_k|, Σ_k g_k) of attention from one per-sample VJP: a verified batch pays for one."""
+    """(Σ_k |g_k|, Σ_k g_k) of attention from one set of pieces: a verified batch pays for one."""
+    a = _mha_arguments(module, call)
+    if _mha_closed_form_applies(module, deltas):
+        pieces = _mha_projection_grads(module, a, deltas[0], wanted)
+        return (_mha_closed_form(module, pieces, wanted, *_abs_fns(backend)),
+                _mha_closed_form(module, pieces, wanted, *_signed_fns()))
     signed: dict = {}
-    return per_sample_grad_sum(*_mha_vjp(module, call, deltas, wanted), signed_out=signed), signed
+    return per_sample_grad_sum(*_mha_vjp(module, a, deltas, wanted), signed_out=signed), signed
 
 
 mha_rule.signed = mha_signed
