@@ -123,6 +123,12 @@ def _copy_project(dst: Path) -> None:
                     ignore=shutil.ignore_patterns("*.so", "__pycache__", "_build_status.json"))
 
 
+# The probes import the copy's mas_fast only: an editable install of this checkout would
+# otherwise supply the extension module the copy failed to build.
+_ONLY_THE_COPY = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+                  "if '__editable__' not in getattr(f, '__module__', '')]; ")
+
+
 @pytest.mark.slow
 def test_a_failed_cuda_build_keeps_the_cpu_kernels_and_says_why(tmp_path):
     _copy_project(tmp_path)
@@ -141,12 +147,14 @@ def test_a_failed_cuda_build_keeps_the_cpu_kernels_and_says_why(tmp_path):
     forced = env.pop("MAS_FAST_FORCE_CUDA_FAILURE", None) is not None
     probe = ("from mas_fast.ops import cpp, cuda; print(cpp.unavailable_reason()); "
              "print(cuda.unavailable_reason())")
-    run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", _ONLY_THE_COPY + probe], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
     cpp_reason, cuda_reason = run.stdout.splitlines()[-2:]
     assert cpp_reason == "None", run.stdout + run.stderr
     assert expected in cuda_reason
     if forced:
         assert "MAS_FAST_FORCE_CUDA_FAILURE is set" in cuda_reason  # the compiler's own error line
-    info = subprocess.run([sys.executable, "-m", "mas_fast", "info"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True)
+    info = subprocess.run([sys.executable, "-c", _ONLY_THE_COPY + "import sys, runpy; sys.argv = ['mas_fast', 'info']; "
+                           "runpy.run_module('mas_fast', run_name='__main__', alter_sys=True)"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert expected in info.stdout, info.stdout + info.stderr
