@@ -160,3 +160,25 @@ def oracle_batch(model: nn.Module, batches) -> dict[str, torch.Tensor]:
                 out[n] += g.abs()
     model.train(was)
     return out
+
+
+def consolidate_against_oracle(model: nn.Module, batches: list) -> "MAS":
+    """MAS(model).consolidate over `batches` (the first batch verified, later ones on the accepted
+    paths), checked against the brute-force per-sample oracle; returns the MAS."""
+    import warnings
+
+    from mas_fast import MAS
+
+    mas = MAS(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mas.consolidate(batches, progress=False)
+    n = sum(b.shape[0] for b in batches)
+    expected: dict = {}
+    for b in batches:
+        for k, v in oracle_per_sample(model, b).items():
+            expected[k] = expected.get(k, 0) + v
+    for k, e in expected.items():
+        scale = max(e.abs().max().item(), 1e-30)
+        assert (mas.importance[k].double() * n - e).abs().max().item() <= 1e-6 * scale, k
+    return mas

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from mas_fast import MAS
 from mas_fast.importance import ImportanceState, batch_importance
-from models import MLP, Scale, make_case, oracle_per_sample
+from models import MLP, Scale, consolidate_against_oracle, make_case, oracle_per_sample
 
 B = 6
 
@@ -352,29 +352,13 @@ class RowZero(nn.Module):
         return self.lin(torch.tanh(x + self.row[0]))
 
 
-def _two_batch_pass(model, batches):
-    mas = MAS(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mas.consolidate(batches, progress=False)
-    n = sum(b.shape[0] for b in batches)
-    expected = {}
-    for b in batches:
-        for k, v in oracle_per_sample(model, b).items():
-            expected[k] = expected.get(k, 0) + v
-    for k, e in expected.items():
-        scale = max(e.abs().max().item(), 1e-30)
-        assert (mas.importance[k].double() * n - e).abs().max().item() <= 1e-6 * scale, k
-    return mas
-
-
 def test_container_parameters_get_per_sample_proxies_after_a_check():
     """First batch: the container's module-local path, compared with the proxy; later batches:
     the proxy alone (the container is not re-run per sample)."""
     torch.manual_seed(0)
     model = ClsToken().double()
     batches = [torch.randn(B, 4, 3, dtype=torch.float64) for _ in range(3)]
-    mas = _two_batch_pass(model, batches)
+    mas = consolidate_against_oracle(model, batches)
     assert mas._engine.proxy_ok == {"cls_token", "pos_embed"}
     assert mas.coverage()["cls_token"] == "module-local"  # the pass's slowest: its first batch
     later = mas.coverage(batches[0])  # a pass on an instance that accepted the proxies
@@ -385,7 +369,7 @@ def test_a_proxy_that_does_not_split_the_samples_is_refused():
     torch.manual_seed(0)
     model = RowZero().double()
     batches = [torch.randn(B, 6, dtype=torch.float64) for _ in range(2)]
-    mas = _two_batch_pass(model, batches)
+    mas = consolidate_against_oracle(model, batches)
     assert mas._engine.no_proxy == {"row"} and mas.coverage()["row"] == "module-local"
 
 

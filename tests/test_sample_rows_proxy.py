@@ -1,15 +1,12 @@
 """Per-sample proxies for container parameters without a leading 1 (SampleRows): accepted
 where a reshape to a leading 1 broadcasts them against the samples (ConvNeXt's layer scale),
 refused with the module-local path kept where the forward uses them otherwise."""
-import warnings
-
 import pytest
 import torch
 import torch.nn as nn
 
-from mas_fast import MAS
 from mas_fast.importance.proxies import SampleRows
-from models import oracle_per_sample
+from models import consolidate_against_oracle
 
 B = 6
 
@@ -50,28 +47,11 @@ class SummedRows(nn.Module):
         return self.lin(x) + self.shift.reshape(1, -1).sum(0)
 
 
-def _consolidate(model, batches):
-    """MAS over the batches (verified first batch, then the accepted paths), against the oracle."""
-    mas = MAS(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mas.consolidate(batches, progress=False)
-    n = sum(b.shape[0] for b in batches)
-    expected: dict = {}
-    for b in batches:
-        for k, v in oracle_per_sample(model, b).items():
-            expected[k] = expected.get(k, 0) + v
-    for k, e in expected.items():
-        scale = max(e.abs().max().item(), 1e-30)
-        assert (mas.importance[k].double() * n - e).abs().max().item() <= 1e-6 * scale, k
-    return mas
-
-
 def test_a_layer_scale_reshaped_to_a_leading_one_gets_a_proxy():
     torch.manual_seed(0)
     model = BlockScale().double()
     batches = [torch.randn(B, 3, 5, 5, dtype=torch.float64) for _ in range(3)]
-    mas = _consolidate(model, batches)
+    mas = consolidate_against_oracle(model, batches)
     assert mas._engine.proxy_ok == {"gamma"}
     assert mas.coverage(batches[0])["gamma"] == "rule"  # later batches: the proxy alone
 
@@ -81,7 +61,7 @@ def test_a_vector_used_otherwise_keeps_the_module_local_path(model_cls, attr):
     torch.manual_seed(0)
     model = model_cls().double()
     batches = [torch.randn(B, 4, dtype=torch.float64) for _ in range(2)]
-    mas = _consolidate(model, batches)
+    mas = consolidate_against_oracle(model, batches)
     assert mas._engine.no_proxy == {attr} and mas.coverage(batches[0])[attr] == "module-local"
 
 
