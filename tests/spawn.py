@@ -1,6 +1,7 @@
 """Spawning gloo ranks for a test: every rank saves its results; a hang fails the test."""
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Callable
@@ -10,6 +11,13 @@ import torch
 import torch.multiprocessing as mp
 
 TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_ranks(worker: Callable, args: tuple, world: int, out_dir: Path) -> list:

@@ -11,7 +11,6 @@ of tests/tolerances.py. Both ranks must hold bit-identical state (the all-reduce
 rank the same sum).
 """
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -192,14 +191,8 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(out_dir):
-    return spawn.run_ranks(_worker, (free_port(), str(out_dir)), WORLD, out_dir)
+    return spawn.run_ranks(_worker, (spawn.free_port(), str(out_dir)), WORLD, out_dir)
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,12 @@ def random_windows(n, low, high, seed):
     return torch.randint(low, high, (n, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
+def two_text_tasks():
+    """A tiny GPT-2 and two tasks of 32 random windows each, from disjoint byte ranges (the
+    distributed tests' setup: each rank builds the same)."""
+    return tiny_gpt2(), Windows(random_windows(32, 0, 128, 1)), Windows(random_windows(32, 128, 256, 3))
+
+
 @torch.no_grad()
 def lm_loss(model, ids):
     model.eval()

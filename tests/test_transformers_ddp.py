@@ -7,31 +7,21 @@ accumulation and clipping on each rank; DDP averages the gradients. Both must eq
 process (batch of all samples, loss + mas.penalty(), clip, SGD step) to fp32 round-off.
 """
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+import spawn
 
 pytest.importorskip("transformers", reason="transformers is not installed (pip install 'mas_fast[transformers]')")
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
 
+from test_transformers import arguments, two_text_tasks  # noqa: E402  (after the importorskip)
+
 WORLD = 2
 LAMBDA, CLIP, LR = 30.0, 0.05, 0.1
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def setup():
-    from test_transformers import Windows, random_windows, tiny_gpt2
-
-    return tiny_gpt2(), Windows(random_windows(32, 0, 128, 1)), Windows(random_windows(32, 128, 256, 3))
 
 
 def moved(model):
@@ -48,12 +38,10 @@ def rank_main(rank, port, out):
 
     warnings.filterwarnings("ignore")
     from transformers import Trainer
-    from test_transformers import arguments
-
     from mas_fast.integrations.transformers import MASCallback
 
     torch.set_num_threads(1)
-    model, task1, task2 = setup()
+    model, task1, task2 = two_text_tasks()
     callback = MASCallback(lambda_=LAMBDA)
     common = dict(use_cpu=True, ddp_backend="gloo", optim="sgd", learning_rate=LR, max_grad_norm=CLIP,
                   per_device_train_batch_size=8, max_steps=1)
@@ -69,13 +57,12 @@ def rank_main(rank, port, out):
 
 
 def test_ddp_trainer_matches_one_process(tmp_path):
-    mp.spawn(rank_main, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = spawn.run_ranks(rank_main, (spawn.free_port(), str(tmp_path)), WORLD, tmp_path)
 
     from mas_fast import MAS
     from mas_fast.integrations.transformers import KeywordCall
 
-    model, task1, task2 = setup()
+    model, task1, task2 = two_text_tasks()
     mas = MAS(KeywordCall(model), lambda_=LAMBDA)
     mas.consolidate([{"input_ids": ids} for ids in task1.ids.split(8)], progress=False)  # batch ≠ sequence length
     moved(model)

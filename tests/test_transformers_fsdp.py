@@ -17,7 +17,6 @@ clip, SGD step) to fp32 round-off. The checkpoint written after task 2's step ho
 whole Ω and θ*.
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -29,23 +28,13 @@ pytest.importorskip("transformers", reason="transformers is not installed (pip i
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
 
+from test_transformers import arguments, two_text_tasks  # noqa: E402  (after the importorskip)
+
 WORLD = 2
 LAMBDA, CLIP, LR = 30.0, 0.05, 0.1
 # Blocks to wrap: the model's `_no_split_modules` (GPT2Block). Naming them in the config instead makes
 # the second task's Trainer fail: `fully_shard` renamed the class (FSDPGPT2Block).
 FSDP2 = dict(fsdp=True, fsdp_config={"version": 2})
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def setup():
-    from test_transformers import Windows, random_windows, tiny_gpt2
-
-    return tiny_gpt2(), Windows(random_windows(32, 0, 128, 1)), Windows(random_windows(32, 128, 256, 3))
 
 
 def moved(model):
@@ -86,14 +75,12 @@ def rank_main(rank, port, out):
     import warnings
 
     warnings.filterwarnings("ignore")
-    from test_transformers import arguments
-
     from mas_fast.integrations.transformers import MASCallback
     from mas_fast.sharding import fsdp2_modules, is_sharded
 
     torch.set_num_threads(1)
     trainer_class = cpu_fsdp_trainer()
-    model, task1, task2 = setup()
+    model, task1, task2 = two_text_tasks()
     callback = MASCallback(lambda_=LAMBDA)
     common = dict(use_cpu=True, ddp_backend="gloo", optim="sgd", learning_rate=LR, max_grad_norm=CLIP,
                   per_device_train_batch_size=8, max_steps=1, gradient_accumulation_steps=2, **FSDP2)
@@ -115,12 +102,12 @@ def rank_main(rank, port, out):
 
 
 def test_fsdp2_trainer_matches_one_process(tmp_path):
-    ranks = spawn.run_ranks(rank_main, (free_port(), str(tmp_path)), WORLD, tmp_path)
+    ranks = spawn.run_ranks(rank_main, (spawn.free_port(), str(tmp_path)), WORLD, tmp_path)
 
     from mas_fast import MAS
     from mas_fast.integrations.transformers import STATE_FILE, KeywordCall
 
-    model, task1, task2 = setup()
+    model, task1, task2 = two_text_tasks()
     mas = MAS(KeywordCall(model), lambda_=LAMBDA)
     mas.consolidate([{"input_ids": ids} for ids in task1.ids.split(8)], progress=False)  # batch ≠ sequence length
     moved(model)
