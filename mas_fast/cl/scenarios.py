@@ -163,7 +163,7 @@ def make_scenario(name: str, splits: Splits, num_tasks: int, seed: int, evaluate
         else:  # the growing head: after stage s, every task reads the units of digits 0..2s+1
             columns = tuple(torch.arange(2 * (s + 1)).expand(num_tasks, 2 * (s + 1)).clone()
                             for s in range(num_tasks))
-            outputs = 2 * num_tasks
+            outputs = 2 * SPLIT_PAIRS  # one unit per digit, whatever the number of tasks
         return Scenario(name, TITLES[name], outputs, columns, tasks)
     if name == "permuted":
         views = [(f"perm {t + 1}", lambda x, p=perm: x[:, p]) for t, perm in enumerate(permutations(num_tasks, seed))]
