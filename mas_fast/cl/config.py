@@ -22,7 +22,7 @@ class Config:
     batch_size: int
     lr: float                  # Adam's learning rate
     split_tasks: int
-    permuted_tasks: int
+    permuted_tasks: int        # Permuted- and Rotated-MNIST
     seeds: tuple[int, ...]
     lambdas: dict[str, dict[str, float]] = field(default_factory=dict)
 
