@@ -203,6 +203,32 @@ def test_penalty_and_grad_(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_penalty_reads_the_lean_state(device):
+    """θ* in the parameters' dtypes and Ω in bf16 (MAS(state_dtype=torch.bfloat16)): the value,
+    its autograd gradient and penalty_and_grad_ against the reference on the same lean state."""
+    params, theta_star, omega = state_lists(device, seed=5)
+    theta_star = [t.to(p.dtype) for t, p in zip(theta_star, params)]
+    omega = [o.to(torch.bfloat16) for o in omega]
+    cpu = [[t.detach().cpu() for t in ts] for ts in (params, theta_star, omega)]
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    mirror = [p.clone().requires_grad_() for p in cpu[0]]
+    got = ops.penalty(leaves, theta_star, omega, 0.7, backend="triton")
+    want = ref.penalty(mirror, cpu[1], cpu[2], 0.7)
+    assert got.dtype == want.dtype == torch.float32
+    assert_close(got.detach().cpu(), want.detach(), torch.float32, "penalty")
+    got.backward()
+    want.backward()
+    for i, (a, b) in enumerate(zip(leaves, mirror)):
+        assert_close(a.grad.cpu(), b.grad, a.dtype, f"grad {i}")
+    grads = [torch.zeros_like(p) for p in params]
+    ref_grads = [torch.zeros_like(p) for p in cpu[0]]
+    value = ops.penalty_and_grad_(params, grads, theta_star, omega, 0.7, backend="triton")
+    assert_close(value.cpu(), ref.penalty_and_grad_(cpu[0], ref_grads, cpu[1], cpu[2], 0.7), torch.float32)
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert_close(a.cpu(), b, a.dtype, f"penalty_and_grad_ grad {i}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_merge_(device):
     dst = [rand(300, device=device), rand(6, 5, device=device, layout="transposed", seed=1), rand(0, device=device)]
     src = [rand(300, device=device, seed=2), rand(6, 5, dtype=torch.bfloat16, device=device, seed=3),
