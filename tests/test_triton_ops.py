@@ -395,7 +395,7 @@ import sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from mas_fast.ops.triton import gemm, multi_tensor as mt, reduce
+from mas_fast.ops.triton import gemm, multi_tensor as mt, optim, reduce
 
 def build(kernel, arch, warps, **args):
     """Compile to a cubin (through ptxas) without a GPU: str "*.." = pointer, int/float = i32/fp32,
@@ -429,8 +429,17 @@ for p in ("*fp32", "*bf16"):
 tables = dict(addrs="*i64", numels="*i64", chunk_tensor="*i64", chunk_start="*i64", n_tensors=3,
               CHUNK=65536, BLOCK=1024)
 for mode in (0, 1, 2):
-    build(mt._penalty_kernel, arch, 4, partial_ptr="*fp32", grad_scale_ptr="*fp32", two_lam=0.5,
-          P_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, GRAD_MODE=mode, WITH_LOSS=mode != 2, INTERPRET=False, **tables)
+    for state in (tl.float32, tl.bfloat16):  # θ*/Ω in fp32, or the lean state
+        build(mt._penalty_kernel, arch, 4, partial_ptr="*fp32", grad_scale_ptr="*fp32", two_lam=0.5,
+              P_DTYPE=tl.bfloat16, TS_DTYPE=state, OM_DTYPE=state, G_DTYPE=tl.bfloat16, GRAD_MODE=mode,
+              WITH_LOSS=mode != 2, INTERPRET=False, **tables)
+lean = dict(P_DTYPE=tl.bfloat16, TS_DTYPE=tl.bfloat16, OM_DTYPE=tl.bfloat16, PENALTY=True, PROXIMAL=True,
+            MAXIMIZE=False, INTERPRET=False, partial_ptr="*fp64", **tables)
+build(optim._sgd_kernel, arch, 4, two_lam=0.5, lr=0.1, lr_two_lam=0.1, momentum=0.9, keep=1.0, weight_decay=0.0,
+      MOMENTUM=True, INIT_BUFFERS=False, NESTEROV=False, WEIGHT_DECAY=False, **lean)
+build(optim._adam_kernel, arch, 4, two_lam=0.5, lr_two_lam=0.1, w1=0.1, beta2=0.999, w2=0.001, eps=1e-8,
+      weight_decay=0.0, decay=1.0, neg_step=-0.1, bc2_sqrt=0.5, AMSGRAD=True, L2=False, DECOUPLED=True,
+      SMALL_W1=True, **lean)
 build(mt._merge_kernel, arch, 4, a=0.5, b=0.5, S_DTYPE=tl.bfloat16, **tables)
 build(mt._running_mean_kernel, arch, 4, batch_count=3.0, total=5.0, S_DTYPE=tl.float32, **tables)
 '''
