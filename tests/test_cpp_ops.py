@@ -1,8 +1,9 @@
 """The "cpp" backend (mas_fast._C CPU kernels) against mas_fast/ops/reference.py.
 
 Random tensor lists (0-size, 1-element, odd sizes and one longer than a 65,536-element chunk),
-fp32/fp64/bf16/fp16 parameters with the default or the lean θ*/Ω, non-contiguous tensors; torch.library.opcheck on every op;
-gradcheck of the penalty's autograd formula; bad input; dispatch.
+fp32/fp64/bf16/fp16 parameters with the default or the lean θ*/Ω, non-contiguous tensors;
+torch.library.opcheck on every op; gradcheck of the penalty's autograd formula; bad input;
+dispatch.
 """
 from __future__ import annotations
 

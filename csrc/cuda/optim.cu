@@ -4,7 +4,8 @@
 // θ ← θ* + (θ' − θ*) / (1 + 2·lr·λΩ) (mas_fast_kernels.h). Parameters MAS does not cover
 // pass nullptr for θ*/Ω (a plain step).
 // Math in fp32 (fp64 for fp64 parameters), θ* and Ω widened to it on load (lean state too);
-// optimizer state is stored in the parameter dtype, like torch.optim. The penalty at the parameters before the step is reduced on the side.
+// optimizer state is stored in the parameter dtype, like torch.optim. The penalty at the
+// parameters before the step is reduced on the side.
 #include "cuda/kernels.h"
 #include "multi_tensor.cuh"
 #include "reduce.cuh"
@@ -159,16 +160,10 @@ cudaError_t sgd_step(const DTypes& dtypes, const TensorLists& t, void* const* mo
   return dispatch_dtypes(dtypes, [&](auto param, auto star, auto omega) {
     using P = typename decltype(param)::type;
     using M = typename MathOf<P>::type;
-    const SgdOp<P, typename decltype(star)::type, typename decltype(omega)::type> op{static_cast<M>(2.0 * c.lam),
-                         static_cast<M>(c.lr),
-                         static_cast<M>(c.momentum),
-                         static_cast<M>(c.dampening),
-                         static_cast<M>(c.weight_decay),
-                         static_cast<M>(c.lr * 2.0 * c.lam),
-                         c.nesterov,
-                         c.maximize,
-                         c.init_buffers,
-                         c.proximal};
+    const SgdOp<P, typename decltype(star)::type, typename decltype(omega)::type> op{
+        static_cast<M>(2.0 * c.lam),     static_cast<M>(c.lr),           static_cast<M>(c.momentum),
+        static_cast<M>(c.dampening),     static_cast<M>(c.weight_decay), static_cast<M>(c.lr * 2.0 * c.lam),
+        c.nesterov, c.maximize, c.init_buffers, c.proximal};
     return run_with_penalty<5>(t, lists, op, c.lam, partials, out, stream);
   });
 }
@@ -184,10 +179,11 @@ cudaError_t adam_step(const DTypes& dtypes, const TensorLists& t, void* const* e
   return dispatch_dtypes(dtypes, [&](auto param, auto star, auto omega) {
     using P = typename decltype(param)::type;
     using M = typename MathOf<P>::type;
-    const AdamOp<P, typename decltype(star)::type, typename decltype(omega)::type> op{static_cast<M>(2.0 * c.lam),    static_cast<M>(c.lr),      static_cast<M>(c.beta1),
-                          static_cast<M>(c.beta2),        static_cast<M>(c.eps),     static_cast<M>(c.weight_decay),
-                          static_cast<M>(c.lr / bc1),     static_cast<M>(sqrt(bc2)), static_cast<M>(c.lr * 2.0 * c.lam),
-                          c.decoupled_weight_decay,       c.maximize,                c.proximal};
+    const AdamOp<P, typename decltype(star)::type, typename decltype(omega)::type> op{
+        static_cast<M>(2.0 * c.lam), static_cast<M>(c.lr),      static_cast<M>(c.beta1),
+        static_cast<M>(c.beta2),     static_cast<M>(c.eps),     static_cast<M>(c.weight_decay),
+        static_cast<M>(c.lr / bc1),  static_cast<M>(sqrt(bc2)), static_cast<M>(c.lr * 2.0 * c.lam),
+        c.decoupled_weight_decay,    c.maximize,                c.proximal};
     return run_with_penalty<7>(t, lists, op, c.lam, partials, out, stream);
   });
 }
