@@ -1,5 +1,5 @@
 // Tensor lists in kernel form, for the registrations (cpu/register.cpp, cuda/register.cpp):
-// parameters grouped by dtype (one kernel call per group), contiguous working copies whose
+// parameters grouped by dtype (with θ*'s and Ω's: one kernel call per group), contiguous working copies whose
 // results are written back into non-contiguous originals, and the penalty value in the
 // dtype mas_fast/ops/reference.py returns.
 #pragma once
@@ -57,6 +57,21 @@ inline std::map<DType, std::vector<int64_t>> group_by_dtype(at::TensorList list)
   return groups;
 }
 
+// The dtypes of call tensor i: its parameter's, θ*'s and Ω's (full_state without θ*/Ω).
+inline DTypes dtypes_at(at::TensorList params, at::TensorList theta_star, at::TensorList omega, size_t i) {
+  const DType param = kernel_dtype(params[i].scalar_type());
+  if (theta_star.empty()) return full_state(param);
+  return {param, kernel_dtype(theta_star[i].scalar_type()), kernel_dtype(omega[i].scalar_type())};
+}
+
+// Indices of a call's tensors grouped by their DTypes, in a fixed order.
+inline std::map<DTypes, std::vector<int64_t>> group_by_dtypes(at::TensorList params, at::TensorList theta_star,
+                                                              at::TensorList omega) {
+  std::map<DTypes, std::vector<int64_t>> groups;
+  for (size_t i = 0; i < params.size(); ++i) groups[dtypes_at(params, theta_star, omega, i)].push_back(int64_t(i));
+  return groups;
+}
+
 inline std::vector<int64_t> numels(at::TensorList list, const std::vector<int64_t>& index) {
   std::vector<int64_t> out;
   for (int64_t i : index) out.push_back(list[i].numel());
@@ -88,15 +103,18 @@ class GroupLists {
   TensorLists lists;
 };
 
-// The dtype of a penalty value, as reference.py returns it: Ω's (float32 without Ω).
-inline at::ScalarType penalty_dtype(at::TensorList omega) {
-  return omega.empty() ? at::kFloat : omega[0].scalar_type();
+// The dtype of a penalty value, as reference.py returns it: float64 when θ*[0] or Ω[0] is,
+// else float32 (also for the lean bf16 Ω, and without θ*/Ω).
+inline at::ScalarType penalty_dtype(at::TensorList theta_star, at::TensorList omega) {
+  for (at::TensorList list : {theta_star, omega})
+    if (!list.empty() && list[0].scalar_type() == at::kDouble) return at::kDouble;
+  return at::kFloat;
 }
 
 // A penalty computed in double, converted as reference.py converts it: a value beyond the
 // float32 range becomes inf (never an error).
-inline at::Tensor penalty_result(const at::Tensor& value_double, at::TensorList omega) {
-  return value_double.to(penalty_dtype(omega));
+inline at::Tensor penalty_result(const at::Tensor& value_double, at::TensorList theta_star, at::TensorList omega) {
+  return value_double.to(penalty_dtype(theta_star, omega));
 }
 
 }  // namespace mas_fast

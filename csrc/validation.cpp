@@ -20,12 +20,13 @@ void check_length(const char* op, const char* name, TensorList list, size_t n) {
                     " (one per parameter)");
 }
 
-// list[i] must have the shape of ref[i] and dtype `dtype(ref[i])`.
+// list[i] must have the shape of ref[i] and dtype `dtype(ref[i])` (any dtype for a null `dtype`).
 void check_like(const char* op, const char* name, TensorList list, const char* ref_name, TensorList ref,
                 at::ScalarType (*dtype)(at::ScalarType)) {
   for (size_t i = 0; i < list.size(); ++i) {
     TORCH_CHECK_VALUE(list[i].sizes() == ref[i].sizes(), op, ": ", name, "[", i, "] has shape ",
                       list[i].sizes(), " but ", ref_name, "[", i, "] has shape ", ref[i].sizes());
+    if (dtype == nullptr) continue;  // the caller checks the dtypes
     const at::ScalarType want = dtype(ref[i].scalar_type());
     TORCH_CHECK_TYPE(list[i].scalar_type() == want, op, ": ", name, "[", i, "] is ", list[i].scalar_type(),
                      ", expected ", want, " (", ref_name, "[", i, "] is ", ref[i].scalar_type(), ")");
@@ -45,12 +46,28 @@ void check_params(const char* op, TensorList params) {
                      params[i].scalar_type(), "; supported: float32, float64, bfloat16, float16");
 }
 
-// θ* and Ω: empty (no penalty, when optional) or one per parameter in its accumulation dtype.
+// list[i] has dtype `first` or `second` (the dtypes its parameter allows).
+void check_state_dtype(const char* op, const char* name, TensorList list, TensorList params,
+                       at::ScalarType (*first)(at::ScalarType), at::ScalarType (*second)(at::ScalarType)) {
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::ScalarType p = params[i].scalar_type(), a = first(p), b = second(p);
+    TORCH_CHECK_TYPE(list[i].scalar_type() == a || list[i].scalar_type() == b, op, ": ", name, "[", i, "] is ",
+                     list[i].scalar_type(), ", expected ", a, (a == b ? "" : " or "), (a == b ? "" : c10::toString(b)),
+                     " (params[", i, "] is ", p, ")");
+  }
+}
+
+at::ScalarType lean_omega(at::ScalarType) { return at::kBFloat16; }
+
+// θ* and Ω: empty (no penalty, when optional) or one per parameter, shaped like it: θ* in its
+// accumulation dtype or its own (lean state), Ω in its accumulation dtype or bfloat16 (lean).
 void check_penalty_terms(const char* op, TensorList params, TensorList theta_star, TensorList omega,
                          bool optional) {
   if (optional && theta_star.empty() && omega.empty()) return;
-  check_per_param(op, "theta_star", theta_star, params, acc_type);
-  check_per_param(op, "omega", omega, params, acc_type);
+  check_per_param(op, "theta_star", theta_star, params, nullptr);
+  check_per_param(op, "omega", omega, params, nullptr);
+  check_state_dtype(op, "theta_star", theta_star, params, acc_type, same_dtype);
+  check_state_dtype(op, "omega", omega, params, acc_type, lean_omega);
 }
 
 // Shared checks of the optimizer steps: grads and `states` like params, optional θ*/Ω.

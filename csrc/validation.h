@@ -18,8 +18,9 @@ at::ScalarType acc_type(at::ScalarType t);
 // Every tensor of `lists` on `device`.
 void check_on(const char* op, NamedLists lists, const at::Device& device);
 
-// penalty / penalty_backward: params of a supported dtype, θ* and Ω one per parameter in its
-// accumulation dtype, all on `device`.
+// penalty / penalty_backward: params of a supported dtype, θ* and Ω one per parameter, all on
+// `device`: θ* in the parameter's accumulation dtype or its own, Ω in the accumulation dtype or
+// bfloat16 (mas_fast_kernels.h). The optimizer steps check θ*/Ω the same way.
 void check_penalty_op(const char* op, at::TensorList params, at::TensorList theta_star, at::TensorList omega,
                       const at::Device& device);
 // penalty_and_grad_: as check_penalty_op, plus grads like params.

@@ -74,13 +74,10 @@ def _check_config(lambda_: float, mode: Optional[str], merge: Optional[str], alp
 STATE_DTYPES = (None, torch.bfloat16)
 
 
-def _check_state_dtype(state_dtype: Optional[torch.dtype], backend: str) -> None:
-    """ValueError unless `state_dtype` is a supported lean setting that `backend` can run."""
+def _check_state_dtype(state_dtype: Optional[torch.dtype]) -> None:
+    """ValueError unless `state_dtype` is a supported setting (every backend runs each)."""
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype!r}")
-    if state_dtype is not None and backend not in ("auto", "reference"):
-        raise ValueError(f"state_dtype={state_dtype} runs on the reference backend only (the kernels take "
-                         f"float32 state); got backend={backend!r}: use 'auto' or 'reference'")
 
 
 def _check_usable(backend: str) -> str:
@@ -257,8 +254,8 @@ class MAS:
         state_dtype: None keeps consolidated Ω and θ* in float32 (float64 for float64
             parameters). torch.bfloat16 is the lean setting: Ω in bfloat16 and θ* in the
             parameter's own dtype (2 + 2 bytes per bf16 parameter instead of 8); the running
-            task still accumulates in float32 with its compensation. The C++/CUDA kernels take
-            float32 state only: "auto" runs the penalty and fused steps on the reference.
+            task still accumulates in float32 with its compensation. Every backend's penalty and
+            fused steps read the lean state as it is (widened in registers, no float32 copy).
 
     Importance passes run in eval mode (each module's mode restored), never touch
     `p.grad` and cover the parameters with `requires_grad=True`. Parameters added later
@@ -287,7 +284,7 @@ class MAS:
             raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
-        _check_state_dtype(state_dtype, backend)
+        _check_state_dtype(state_dtype)
         sharding.check_supported(model)
         self.state_dtype = state_dtype
         self.model = unwrap(model)
@@ -512,9 +509,9 @@ class MAS:
 
     @property
     def penalty_backend(self) -> str:
-        """The backend of the penalty and of the fused optimizer steps: `backend`, or
-        "reference" with lean state (the C++/CUDA kernels take float32 Ω and θ* only)."""
-        return "reference" if self.state_dtype is not None else self.backend
+        """The backend of the penalty and of the fused optimizer steps: `backend` (with either
+        `state_dtype`)."""
+        return self.backend
 
     def penalty(self) -> Tensor:
         """λ Σ Ω (θ − θ*)² as a differentiable scalar (0 before the first consolidate)."""

@@ -15,17 +15,20 @@ SIZES = [1, 3, CHUNK - 1, CHUNK, CHUNK + 1, CHUNK + 8, 2 * CHUNK + 3, (BLOCKS_PE
 MANY_SIZES = [(5 + i % 7) * (i % 13 != 0) for i in range(300)]
 
 
-def terms(sizes, dtype, device, seed=0, offset=0):
+def terms(sizes, dtype, device, seed=0, offset=0, lean=False):
     """params, grads, θ*, Ω, each a guarded view `offset` elements into its buffer (unaligned
-    for an odd offset)."""
+    for an odd offset); θ*/Ω in the accumulation dtype, or with `lean` θ* in `dtype` and Ω in
+    bfloat16 (the lean state)."""
     g = torch.Generator(device=device).manual_seed(seed)
     acc = policy.acc_dtype(dtype)
+    star_dtype, omega_dtype = (dtype, policy.LEAN_OMEGA_DTYPE) if lean else (acc, acc)
 
     def randn(n, dt):
         return torch.randn(n, device=device, generator=g, dtype=dt)
 
     params = [guarded(randn(n, torch.float32).to(dtype), offset) for n in sizes]
     grads = [guarded(randn(n, torch.float32).to(dtype), offset) for n in sizes]
-    stars = [guarded(p.to(acc) + 0.1 * randn(p.numel(), acc), offset) for p in params]
-    omegas = [guarded(torch.rand(p.numel(), device=device, generator=g, dtype=acc), offset) for p in params]
+    stars = [guarded((p.to(acc) + 0.1 * randn(p.numel(), acc)).to(star_dtype), offset) for p in params]
+    omegas = [guarded(torch.rand(p.numel(), device=device, generator=g, dtype=acc).to(omega_dtype), offset)
+              for p in params]
     return params, grads, stars, omegas

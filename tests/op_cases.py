@@ -18,14 +18,14 @@ from hypothesis import strategies as st
 from torch.func import grad, vmap
 
 from mas_fast.ops import AdamConfig, SGDConfig
-from mas_fast.ops.policy import acc_dtype
+from mas_fast.ops.policy import acc_dtype, penalty_dtype, state_dtypes_allowed
 from tolerances import assert_close
 
 Tensor = torch.Tensor
 D64 = torch.float64
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 ALL_FLOATS = (torch.float32, torch.float64, *LOW_PRECISION)
-ACC_FLOATS = (torch.float32, torch.float64)  # the dtypes Ω, θ* and running means are kept in
+ACC_FLOATS = (torch.float32, torch.float64)  # the dtypes Ω, θ* (default state) and running means are kept in
 
 
 @dataclass(frozen=True)
@@ -269,18 +269,26 @@ def _merge_brute(args) -> Expected:
 # penalty(params, theta_star, omega, lam) and penalty_and_grad_(params, grads, theta_star, omega, lam)
 
 @st.composite
+def state_dtypes(draw, param_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(θ*, Ω) dtypes for parameters of `param_dtype`: the accumulation dtype (default state) or
+    the lean one (θ* in the parameter's dtype, Ω in bfloat16), each drawn on its own."""
+    star_dtypes, omega_dtypes = state_dtypes_allowed(param_dtype)
+    return draw(st.sampled_from(star_dtypes)), draw(st.sampled_from(omega_dtypes))
+
+
+@st.composite
 def _penalty_inputs(draw, device, lim, with_grads: bool = False):
     dt = draw(st.sampled_from(ALL_FLOATS))
-    acc = acc_dtype(dt)
+    star_dt, omega_dt = draw(state_dtypes(dt))
     lam = draw(st.sampled_from([0.0, 1.0]) | st.floats(0, 100))
     params, grads, stars, omegas = [], [], [], []
     for shape in draw(st.lists(shapes(lim), max_size=4)):
         p = draw(tensors(shape, dt, device, writable=True))  # parameters are never broadcast views
         params.append(p)
         grads.append(draw(tensors(shape, dt, device, writable=True)))
-        stars.append(_layout(p.to(acc) + draw(tensors(shape, acc, device, scale=0.1)),
+        stars.append(_layout((p.to(D64) + draw(tensors(shape, D64, device, scale=0.1))).to(star_dt),
                              draw(st.sampled_from(["contiguous", "transposed", "strided"]))))
-        omegas.append(draw(tensors(shape, acc, device, kind="positive")))
+        omegas.append(draw(tensors(shape, omega_dt, device, kind="positive")))
     return (params, grads, stars, omegas, lam) if with_grads else (params, stars, omegas, lam)
 
 
@@ -299,7 +307,7 @@ def _penalty_grads(params, stars, omegas, lam) -> Expected:
 def _penalty_value(params, stars, omegas, lam) -> tuple[Tensor, torch.dtype]:
     value = lam * sum(((_d(o) * (_d(p) - _d(t)) ** 2).sum() for p, t, o in zip(params, stars, omegas)),
                       torch.zeros((), dtype=D64))
-    return value, (omegas[0].dtype if omegas else torch.float32)
+    return value, penalty_dtype(stars, omegas)
 
 
 def _penalty_brute(args) -> Expected:
@@ -332,9 +340,10 @@ def _step_tensors(draw, device, lim):
     params = [draw(tensors(s, dt, device, writable=True)) for s in shapes_]
     grads = [draw(tensors(s, dt, device)) for s in shapes_]
     covered = draw(st.booleans())
-    stars = [p.to(acc_dtype(dt)) + draw(tensors(p.shape, acc_dtype(dt), device, scale=0.1)) for p in params] \
+    star_dt, omega_dt = draw(state_dtypes(dt))
+    stars = [(p.to(D64) + draw(tensors(p.shape, D64, device, scale=0.1))).to(star_dt) for p in params] \
         if covered else []
-    omegas = [draw(tensors(p.shape, acc_dtype(dt), device, kind="positive")) for p in params] if covered else []
+    omegas = [draw(tensors(p.shape, omega_dt, device, kind="positive")) for p in params] if covered else []
     return params, grads, stars, omegas
 
 

@@ -1,8 +1,9 @@
 """The "cpp" backend (mas_fast._C CPU kernels) against mas_fast/ops/reference.py.
 
 Random tensor lists (0-size, 1-element, odd sizes and one longer than a 65,536-element chunk),
-fp32/fp64/bf16/fp16 parameters, non-contiguous tensors; torch.library.opcheck on every op;
-gradcheck of the penalty's autograd formula; bad input; dispatch.
+fp32/fp64/bf16/fp16 parameters with the default or the lean θ*/Ω, non-contiguous tensors;
+torch.library.opcheck on every op; gradcheck of the penalty's autograd formula; bad input;
+dispatch.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ requires_ext = pytest.mark.skipif(cpp.unavailable_reason() is not None, reason=s
 
 PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 SHAPES = [(0,), (1,), (7, 13), (3, 1, 5), (65536 + 1027,)]  # the last spans two chunks
+STATES = ("full", "lean")  # θ*/Ω in the accumulation dtype, or θ* in the parameters' and Ω in bf16
 mt = torch.ops.mas_fast
 
 
@@ -37,8 +39,14 @@ def layout(t: torch.Tensor, i: int) -> torch.Tensor:
     return buf[::2]
 
 
-def make_lists(dtype: torch.dtype, seed: int = 0, shapes=SHAPES, noncontig: bool = True):
-    """(params, grads, θ*, Ω) with θ* near θ and Ω ≥ 0; params/grads of `dtype`."""
+def state_dtypes(dtype: torch.dtype, state: str) -> tuple[torch.dtype, torch.dtype]:
+    """(θ*, Ω) dtypes: "full" the accumulation dtype, "lean" θ* in `dtype` and Ω in bfloat16."""
+    return (acc(dtype), acc(dtype)) if state == "full" else (dtype, torch.bfloat16)
+
+
+def make_lists(dtype: torch.dtype, seed: int = 0, shapes=SHAPES, noncontig: bool = True, state: str = "full"):
+    """(params, grads, θ*, Ω) with θ* near θ and Ω ≥ 0; params/grads of `dtype`, θ*/Ω in the
+    dtypes of `state`."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(shape, dt, positive=False):
@@ -48,8 +56,9 @@ def make_lists(dtype: torch.dtype, seed: int = 0, shapes=SHAPES, noncontig: bool
 
     params = [rand(s, dtype) for s in shapes]
     grads = [rand(s, dtype) for s in shapes]
-    theta_star = [p.to(acc(dtype)) + 0.1 * rand(p.shape, acc(dtype)) for p in params]
-    omega = [rand(s, acc(dtype), positive=True) for s in shapes]
+    star_dtype, omega_dtype = state_dtypes(dtype, state)
+    theta_star = [(p.double() + 0.1 * rand(p.shape, torch.float64)).to(star_dtype) for p in params]
+    omega = [rand(s, omega_dtype, positive=True) for s in shapes]
     if noncontig:
         params, grads, theta_star, omega = ([layout(t, i + k) for i, t in enumerate(lst)]
                                             for k, lst in enumerate((params, grads, theta_star, omega)))
@@ -90,9 +99,10 @@ def test_auto_picks_cpp_for_cpu_tensors():
 
 
 @requires_ext
+@pytest.mark.parametrize("state", STATES)
 @pytest.mark.parametrize("dtype", PARAM_DTYPES)
-def test_penalty_value_and_grad(dtype):
-    params, _, theta_star, omega = make_lists(dtype)
+def test_penalty_value_and_grad(dtype, state):
+    params, _, theta_star, omega = make_lists(dtype, state=state)
     params = [p.requires_grad_() for p in params]
     lam = 0.7
     got = cpp.penalty(params, theta_star, omega, lam)
@@ -115,9 +125,10 @@ def test_penalty_gradcheck():
 
 
 @requires_ext
+@pytest.mark.parametrize("state", STATES)
 @pytest.mark.parametrize("dtype", PARAM_DTYPES)
-def test_penalty_and_grad(dtype):
-    params, grads, theta_star, omega = make_lists(dtype, seed=1)
+def test_penalty_and_grad(dtype, state):
+    params, grads, theta_star, omega = make_lists(dtype, seed=1, state=state)
     got_grads, want_grads = clone(grads), clone(grads)
     got = cpp.penalty_and_grad_(params, got_grads, theta_star, omega, 1.3)
     want = reference.penalty_and_grad_(params, want_grads, theta_star, omega, 1.3)
@@ -203,9 +214,9 @@ def run_sgd(impl, params, grads, buffers, theta_star, omega, init, options):
 @requires_ext
 @pytest.mark.parametrize("dtype", PARAM_DTYPES)
 @pytest.mark.parametrize("options", SGD_OPTIONS, ids=str)
-@pytest.mark.parametrize("penalised", [True, False])
+@pytest.mark.parametrize("penalised", ["full", "lean", None])
 def test_sgd_step(dtype, options, penalised):
-    params, grads, theta_star, omega = make_lists(dtype, seed=6)
+    params, grads, theta_star, omega = make_lists(dtype, seed=6, state=penalised or "full")
     if not penalised:
         theta_star, omega = [], []
     buffers = [torch.randn(p.shape).to(dtype) for p in params]
@@ -227,9 +238,9 @@ def run_adam(impl, params, grads, state, steps, theta_star, omega, options):
 @requires_ext
 @pytest.mark.parametrize("dtype", PARAM_DTYPES)
 @pytest.mark.parametrize("options", ADAM_OPTIONS, ids=str)
-@pytest.mark.parametrize("penalised", [True, False])
+@pytest.mark.parametrize("penalised", ["full", "lean", None])
 def test_adam_step(dtype, options, penalised):
-    params, grads, theta_star, omega = make_lists(dtype, seed=7)
+    params, grads, theta_star, omega = make_lists(dtype, seed=7, state=penalised or "full")
     if not penalised:
         theta_star, omega = [], []
     state = [[torch.zeros(p.shape, dtype=dtype) for p in params] for _ in range(3)]
@@ -248,9 +259,9 @@ def test_adam_step(dtype, options, penalised):
 # --------------------------------------------------------------------------- opcheck
 
 
-def opcheck_cases():
-    params, grads, theta_star, omega = make_lists(torch.float32, shapes=[(3, 4), (0,), (5,)])
-    like = lambda: [torch.rand(p.shape) for p in params]  # noqa: E731
+def opcheck_cases(dtype: torch.dtype = torch.float32, state: str = "full"):
+    params, grads, theta_star, omega = make_lists(dtype, shapes=[(3, 4), (0,), (5,)], state=state)
+    like = lambda: [torch.rand(p.shape).to(dtype) for p in params]  # noqa: E731
     steps = [torch.tensor(2.0) for _ in params]
     return {
         "penalty": (mt.penalty.default, ([p.requires_grad_() for p in clone(params)], theta_star, omega, 0.5)),
@@ -277,6 +288,15 @@ def test_opcheck(name):
 
 
 @requires_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["penalty", "penalty_backward", "penalty_and_grad_", "sgd_step_", "adam_step_"])
+def test_opcheck_lean_state(name, dtype):
+    """The fakes agree with the kernels on the lean state too (a float32 penalty for a bf16 Ω)."""
+    op, args = opcheck_cases(dtype, "lean")[name]
+    torch.library.opcheck(op, args)
+
+
+@requires_ext
 def test_every_op_has_an_opcheck():
     """Every op with a CPU kernel is opchecked: here, or per_sample_abs_matmul in
     tests/test_cpp_importance.py. (dir(torch.ops.mas_fast) lists only the ops used so far.)"""
@@ -296,7 +316,10 @@ def test_bad_input_raises_before_mutating():
     cases = [
         (ValueError, "theta_star has 1 tensors", (params, grads, theta_star[:1], omega, 1.0)),
         (ValueError, r"omega\[1\] has shape", (params, grads, theta_star, [omega[0], omega[1].t()], 1.0)),
-        (TypeError, r"omega\[0\] is Half", (params, grads, theta_star, [omega[0].half(), omega[1]], 1.0)),
+        (TypeError, r"omega\[0\] is Half, expected Float or BFloat16",
+         (params, grads, theta_star, [omega[0].half(), omega[1]], 1.0)),
+        (TypeError, r"theta_star\[1\] is BFloat16, expected Float \(params\[1\] is Float\)",
+         (params, grads, [theta_star[0], theta_star[1].bfloat16()], omega, 1.0)),
         (TypeError, r"grads\[1\] is Double", (params, [grads[0], grads[1].double()], theta_star, omega, 1.0)),
         (TypeError, r"params\[0\] is Long", ([params[0].long(), params[1]], grads, theta_star, omega, 1.0)),
     ]

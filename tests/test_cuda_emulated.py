@@ -156,11 +156,11 @@ def test_running_mean_update(emu, dtype, offset):
 # --------------------------------------------------------------------------- fused optimizers
 
 
-def optimizer_terms(dtype, offset):
+def optimizer_terms(dtype, offset, lean=False):
     """Boundary-sized tensors plus many small ones; every third parameter uncovered by MAS
     (None for the kernel, Ω = 0 for the reference: the same plain step)."""
     sizes = sizes_for(dtype)[:-1] + MANY_SIZES[:40]
-    params, grads, stars, omegas = terms(sizes, dtype, "cpu", offset=elements(offset, dtype))
+    params, grads, stars, omegas = terms(sizes, dtype, "cpu", offset=elements(offset, dtype), lean=lean)
     covered = [i % 3 != 2 for i in range(len(params))]
     kernel_stars = [s if c else None for s, c in zip(stars, covered)]
     kernel_omegas = [o if c else None for o, c in zip(omegas, covered)]
@@ -180,7 +180,12 @@ def clones(tensors):
 ], ids=["plain", "momentum-wd-maximize", "nesterov"])
 @OFFSETS
 def test_sgd_steps(emu, dtype, options, offset):
-    params, grads, kernel_terms, ref_terms = optimizer_terms(dtype, offset)
+    run_sgd_steps(emu, dtype, options, offset)
+
+
+def run_sgd_steps(emu, dtype, options, offset, lean=False):
+    """Three SGD steps of the kernel and of the reference on optimizer_terms."""
+    params, grads, kernel_terms, ref_terms = optimizer_terms(dtype, offset, lean)
     want = clones(params)
     bufs = [torch.zeros_like(p) for p in params] if options["momentum"] else []
     want_bufs = clones(bufs)
@@ -200,7 +205,12 @@ def test_sgd_steps(emu, dtype, options, offset):
 ], ids=["adamw", "adam-amsgrad-maximize"])
 @OFFSETS
 def test_adam_steps(emu, dtype, options, offset):
-    params, grads, kernel_terms, ref_terms = optimizer_terms(dtype, offset)
+    run_adam_steps(emu, dtype, options, offset)
+
+
+def run_adam_steps(emu, dtype, options, offset, lean=False):
+    """Three Adam(W) steps of the kernel and of the reference on optimizer_terms."""
+    params, grads, kernel_terms, ref_terms = optimizer_terms(dtype, offset, lean)
     want = clones(params)
     state = [[torch.zeros_like(p) for p in params] for _ in range(3)]  # exp_avg, exp_avg_sq, max_exp_avg_sq
     want_state = [clones(s) for s in state]
@@ -222,10 +232,44 @@ def test_proximal_steps(emu, dtype):
     """penalty_step="proximal" at the launch boundaries, 128-bit path (the random-input test
     above covers the other offsets): SGD with momentum, weight decay and maximize; AdamW with
     amsgrad; three steps each, as the explicit cases above."""
-    test_sgd_steps(emu, dtype, dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=True,
+    run_sgd_steps(emu, dtype, dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=True,
+                                   penalty_step="proximal"), "aligned")
+    run_adam_steps(emu, dtype, dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True, maximize=False,
                                     penalty_step="proximal"), "aligned")
-    test_adam_steps(emu, dtype, dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True, maximize=False,
-                                     penalty_step="proximal"), "aligned")
+
+
+# --------------------------------------------------------------------------- lean state
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+@OFFSETS
+def test_lean_state_penalty_across_chunk_and_launch_boundaries(emu, dtype, offset):
+    """θ* in the parameters' dtype and Ω in bf16 (MAS(state_dtype=torch.bfloat16)), read as they
+    are: the penalty with its gradient, and its backward, against the reference on the same
+    state; a bf16 Ω at an odd offset takes the scalar path, at the others the 128-bit one."""
+    params, grads, stars, omegas = terms(sizes_for(dtype)[:-1], dtype, "cpu", offset=elements(offset, dtype),
+                                         lean=True)
+    want_grads = clones(grads)
+    want = reference.penalty_and_grad_(params, want_grads, stars, omegas, 0.7)
+    got = emu.penalty_and_grad_(params, grads, stars, omegas, 0.7)
+    assert got.dtype == want.dtype == policy.acc_dtype(dtype)
+    assert_close(got, want, policy.acc_dtype(dtype))
+    for a, b in zip(grads, want_grads):
+        assert_close(a, b, dtype)
+    for a, b in zip(emu.penalty_grad(params, stars, omegas, 0.9, upstream=3.0),
+                    reference.penalty_grad(params, stars, omegas, 0.9 * 3.0)):
+        assert a.dtype == dtype
+        assert_close(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype,penalty_step", [(torch.float32, "gradient"), (torch.bfloat16, "proximal")], ids=str)
+def test_lean_state_steps(emu, dtype, penalty_step):
+    """Both fused steps on the lean state at the launch boundaries, SGD on the scalar path, Adam
+    on the 128-bit one (every dtype and option at small sizes: the random-input test above)."""
+    run_sgd_steps(emu, dtype, dict(momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=True, maximize=False,
+                                   penalty_step=penalty_step), "unaligned", lean=True)
+    run_adam_steps(emu, dtype, dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=False, maximize=False,
+                                    penalty_step=penalty_step), "aligned", lean=True)
 
 
 # --------------------------------------------------------------------------- importance epilogue
@@ -266,9 +310,11 @@ def test_huge_importance_does_not_overflow_the_penalty(emu):
 
 
 def test_mixed_dtypes_and_step_counts_go_through_the_host_grouping(emu):
-    """csrc/cuda/host.cpp splits one call into a launch per dtype (and per Adam step count) and
-    sums the groups' penalties on the device: the result is the reference's on the whole list."""
-    lists = [terms([CHUNK + 3, 17], dtype, "cpu") for dtype in (torch.float32, torch.bfloat16, torch.float64)]
+    """csrc/cuda/host.cpp splits one call into a launch per dtype (parameter, θ*, Ω: the default
+    and the lean state side by side) and per Adam step count, and sums the groups' penalties on
+    the device: the result is the reference's on the whole list."""
+    lists = [terms([CHUNK + 3, 17], dtype, "cpu", lean=lean)
+             for dtype in (torch.float32, torch.bfloat16, torch.float64) for lean in (False, True)]
     params, grads, stars, omegas = ([t for group in lists for t in group[k]] for k in range(4))
     want_grads = clones(grads)
     want = reference.penalty_and_grad_(params, want_grads, stars, omegas, 0.6)

@@ -22,8 +22,8 @@ pytestmark = [
 DEV = "cuda"
 
 
-def terms(sizes, dtype, seed=0, offset=0):
-    return multi_tensor_cases.terms(sizes, dtype, DEV, seed, offset)
+def terms(sizes, dtype, seed=0, offset=0, lean=False):
+    return multi_tensor_cases.terms(sizes, dtype, DEV, seed, offset, lean)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -36,6 +36,37 @@ def test_penalty_and_grad_across_chunk_and_launch_boundaries(dtype, offset):
     assert got.device.type == "cuda"
     assert_close(got, want, torch.float64 if dtype == torch.float64 else torch.float32)
     for a, b in zip(grads, want_grads):
+        assert_close(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_lean_state_on_the_gpu(dtype, offset):
+    """θ* in the parameters' dtype and Ω in bf16: penalty_and_grad_, the penalty's backward and a
+    fused AdamW step against the reference on the same lean state, across the boundaries."""
+    params, grads, stars, omegas = terms(SIZES[:-1], dtype, offset=offset, lean=True)
+    want_grads = [g.clone() for g in grads]
+    want = reference.penalty_and_grad_(params, want_grads, stars, omegas, 0.7)
+    got = ops.penalty_and_grad_(params, grads, stars, omegas, 0.7, backend="cuda")
+    assert got.dtype == want.dtype == torch.float32
+    assert_close(got, want, torch.float32)
+    for a, b in zip(grads, want_grads):
+        assert_close(a, b, dtype)
+    leaves = [p.clone().requires_grad_() for p in params]
+    got_g = torch.autograd.grad(ops.penalty(leaves, stars, omegas, 0.9, backend="cuda"), leaves)
+    want_g = torch.autograd.grad(reference.penalty(leaves, stars, omegas, 0.9), leaves)
+    for a, b in zip(got_g, want_g):
+        assert_close(a, b, dtype)
+    config = ops.AdamConfig(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, penalty_step="proximal")
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    runs = {}
+    for backend in ("cuda", "reference"):
+        ps, m, v = [p.clone() for p in params], *([t.clone() for t in s] for s in state)
+        value = ops.adam_step_(ps, grads, m, v, [], [torch.zeros(()) for _ in ps], stars, omegas, 0.7, config,
+                               backend=backend)
+        runs[backend] = value, ps
+    assert_close(runs["cuda"][0], runs["reference"][0], torch.float32)
+    for a, b in zip(runs["cuda"][1], runs["reference"][1]):
         assert_close(a, b, dtype)
 
 

@@ -20,10 +20,12 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None or op
                                 is not None, reason=f"triton backend: {ops.backend_status()['triton']}")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PENALTY_STEPS = ["gradient", "proximal"]
+LEAN = torch.bfloat16
 
 
-def step_lists(seed: int = 0):
-    """Parameters of mixed dtypes and layouts, their gradients, θ* and Ω (fp32)."""
+def step_lists(seed: int = 0, lean: bool = False):
+    """Parameters of mixed dtypes and layouts, their gradients, θ* and Ω (fp32; with `lean` θ* in
+    the parameter's dtype and Ω in bf16)."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, dtype=torch.float32):
@@ -34,6 +36,9 @@ def step_lists(seed: int = 0):
     grads = [rand(*p.shape, dtype=p.dtype) for p in params]
     stars = [p.float() + 0.1 * rand(*p.shape) for p in params]
     omegas = [rand(*p.shape).abs() * 10 for p in params]
+    if lean:
+        stars = [t.to(p.dtype) for t, p in zip(stars, params)]
+        omegas = [o.to(LEAN) for o in omegas]
     return params, grads, stars, omegas
 
 
@@ -84,6 +89,30 @@ def test_adam_step_matches_the_reference(penalty_step, decoupled, amsgrad):
         assert_all_close(a, b, name)
 
 
+@pytest.mark.parametrize("penalty_step", PENALTY_STEPS)
+def test_steps_read_the_lean_state(penalty_step):
+    """θ* in the parameters' dtypes and Ω in bf16 (MAS(state_dtype=torch.bfloat16)): SGD and
+    Adam against the reference on the same lean state."""
+    params, grads, stars, omegas = step_lists(seed=2, lean=True)
+    bufs = [torch.randn_like(p.float()).to(p.dtype) for p in params]
+    config = SGDConfig(lr=0.1, momentum=0.9, penalty_step=penalty_step)
+    got_p, got_b, want_p, want_b = clones(params), clones(bufs), clones(params), clones(bufs)
+    got = ops.sgd_step_(got_p, grads, got_b, stars, omegas, 0.7, config, backend="triton")
+    want = reference.sgd_step_(want_p, grads, want_b, stars, omegas, 0.7, config, False)
+    assert got.dtype == want.dtype == torch.float32
+    assert_close(got.cpu(), want, torch.float32, "penalty before the SGD step")
+    assert_all_close(got_p, want_p, "θ after SGD")
+    states = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    adam = AdamConfig(lr=1e-2, weight_decay=0.05, decoupled_weight_decay=True, penalty_step=penalty_step)
+    got = [clones(params), *map(clones, states), [torch.tensor(0.0) for _ in params]]
+    want = [clones(params), *map(clones, states), [torch.tensor(0.0) for _ in params]]
+    got_value = ops.adam_step_(got[0], grads, got[1], got[2], [], got[3], stars, omegas, 0.7, adam, backend="triton")
+    want_value = reference.adam_step_(want[0], grads, want[1], want[2], [], want[3], stars, omegas, 0.7, adam)
+    assert_close(got_value.cpu(), want_value, torch.float32, "penalty before the Adam step")
+    for name, a, b in zip(("θ", "exp_avg", "exp_avg_sq"), got, want):
+        assert_all_close(a, b, f"{name} after Adam")
+
+
 def test_empty_lists_step_nothing():
     assert float(ops.sgd_step_([], [], [], [], [], 1.0, SGDConfig(lr=0.1), backend="triton")) == 0.0
     assert float(ops.adam_step_([], [], [], [], [], [], [], [], 1.0, AdamConfig(lr=0.1), backend="triton")) == 0.0
@@ -95,7 +124,8 @@ def test_empty_lists_step_nothing():
     (lambda p, g, s, o: ops.sgd_step_(p, [x.half() for x in g], [], s, o, 1.0, SGDConfig(lr=0.1),
                                       backend="triton"), TypeError, r"grads\[0\] is torch.float16"),
     (lambda p, g, s, o: ops.sgd_step_(p, g, [], s, [x.half() for x in o], 1.0, SGDConfig(lr=0.1),
-                                      backend="triton"), TypeError, r"omega\[0\] must be float32"),
+                                      backend="triton"), TypeError,
+     r"omega\[0\] is torch.float16, expected torch.float32 or torch.bfloat16"),
     (lambda p, g, s, o: ops.sgd_step_(p, g, [], s, o, 1.0, SGDConfig(lr=0.1, momentum=0.9), backend="triton"),
      ValueError, "momentum_buffers has 0 tensors"),
     (lambda p, g, s, o: ops.adam_step_(p, g, clones(p), clones(p), [], [torch.zeros(2)], s, o, 1.0,

@@ -203,6 +203,32 @@ def test_penalty_and_grad_(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_penalty_reads_the_lean_state(device):
+    """θ* in the parameters' dtypes and Ω in bf16 (MAS(state_dtype=torch.bfloat16)): the value,
+    its autograd gradient and penalty_and_grad_ against the reference on the same lean state."""
+    params, theta_star, omega = state_lists(device, seed=5)
+    theta_star = [t.to(p.dtype) for t, p in zip(theta_star, params)]
+    omega = [o.to(torch.bfloat16) for o in omega]
+    cpu = [[t.detach().cpu() for t in ts] for ts in (params, theta_star, omega)]
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    mirror = [p.clone().requires_grad_() for p in cpu[0]]
+    got = ops.penalty(leaves, theta_star, omega, 0.7, backend="triton")
+    want = ref.penalty(mirror, cpu[1], cpu[2], 0.7)
+    assert got.dtype == want.dtype == torch.float32
+    assert_close(got.detach().cpu(), want.detach(), torch.float32, "penalty")
+    got.backward()
+    want.backward()
+    for i, (a, b) in enumerate(zip(leaves, mirror)):
+        assert_close(a.grad.cpu(), b.grad, a.dtype, f"grad {i}")
+    grads = [torch.zeros_like(p) for p in params]
+    ref_grads = [torch.zeros_like(p) for p in cpu[0]]
+    value = ops.penalty_and_grad_(params, grads, theta_star, omega, 0.7, backend="triton")
+    assert_close(value.cpu(), ref.penalty_and_grad_(cpu[0], ref_grads, cpu[1], cpu[2], 0.7), torch.float32)
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert_close(a.cpu(), b, a.dtype, f"penalty_and_grad_ grad {i}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_merge_(device):
     dst = [rand(300, device=device), rand(6, 5, device=device, layout="transposed", seed=1), rand(0, device=device)]
     src = [rand(300, device=device, seed=2), rand(6, 5, dtype=torch.bfloat16, device=device, seed=3),
@@ -369,7 +395,7 @@ import sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from mas_fast.ops.triton import gemm, multi_tensor as mt, reduce
+from mas_fast.ops.triton import gemm, multi_tensor as mt, optim, reduce
 
 def build(kernel, arch, warps, **args):
     """Compile to a cubin (through ptxas) without a GPU: str "*.." = pointer, int/float = i32/fp32,
@@ -403,8 +429,17 @@ for p in ("*fp32", "*bf16"):
 tables = dict(addrs="*i64", numels="*i64", chunk_tensor="*i64", chunk_start="*i64", n_tensors=3,
               CHUNK=65536, BLOCK=1024)
 for mode in (0, 1, 2):
-    build(mt._penalty_kernel, arch, 4, partial_ptr="*fp32", grad_scale_ptr="*fp32", two_lam=0.5,
-          P_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, GRAD_MODE=mode, WITH_LOSS=mode != 2, INTERPRET=False, **tables)
+    for state in (tl.float32, tl.bfloat16):  # θ*/Ω in fp32, or the lean state
+        build(mt._penalty_kernel, arch, 4, partial_ptr="*fp32", grad_scale_ptr="*fp32", two_lam=0.5,
+              P_DTYPE=tl.bfloat16, TS_DTYPE=state, OM_DTYPE=state, G_DTYPE=tl.bfloat16, GRAD_MODE=mode,
+              WITH_LOSS=mode != 2, INTERPRET=False, **tables)
+lean = dict(P_DTYPE=tl.bfloat16, TS_DTYPE=tl.bfloat16, OM_DTYPE=tl.bfloat16, PENALTY=True, PROXIMAL=True,
+            MAXIMIZE=False, INTERPRET=False, partial_ptr="*fp64", **tables)
+build(optim._sgd_kernel, arch, 4, two_lam=0.5, lr=0.1, lr_two_lam=0.1, momentum=0.9, keep=1.0, weight_decay=0.0,
+      MOMENTUM=True, INIT_BUFFERS=False, NESTEROV=False, WEIGHT_DECAY=False, **lean)
+build(optim._adam_kernel, arch, 4, two_lam=0.5, lr_two_lam=0.1, w1=0.1, beta2=0.999, w2=0.001, eps=1e-8,
+      weight_decay=0.0, decay=1.0, neg_step=-0.1, bc2_sqrt=0.5, AMSGRAD=True, L2=False, DECOUPLED=True,
+      SMALL_W1=True, **lean)
 build(mt._merge_kernel, arch, 4, a=0.5, b=0.5, S_DTYPE=tl.bfloat16, **tables)
 build(mt._running_mean_kernel, arch, 4, batch_count=3.0, total=5.0, S_DTYPE=tl.float32, **tables)
 '''

@@ -90,6 +90,39 @@ auto dispatch_dtype(DType dtype, Body&& body) {
   throw std::invalid_argument("mas_fast: unknown dtype");
 }
 
+template <typename T> constexpr DType dtype_of();
+template <> constexpr DType dtype_of<float>() { return DType::f32; }
+template <> constexpr DType dtype_of<double>() { return DType::f64; }
+template <> constexpr DType dtype_of<bf16>() { return DType::bf16; }
+template <> constexpr DType dtype_of<f16>() { return DType::f16; }
+
+// Calls body(Type<X>{}) or body(Type<Y>{}), whichever `dtype` names (one instantiation when X is Y).
+template <typename X, typename Y, typename Body>
+auto dispatch_either(DType dtype, Body&& body) {
+  if (dtype == dtype_of<X>()) return body(Type<X>{});
+  if (dtype == dtype_of<Y>()) return body(Type<Y>{});
+  throw std::invalid_argument("mas_fast: unsupported state dtype");  // validation rejects it before
+}
+
+// Calls body(Type<T>{}, Type<TS>{}, Type<OM>{}) for the element types of the parameters, θ*
+// (acc_t<T> or T) and Ω (acc_t<T> or bf16) of `dtypes` (mas_fast_kernels.h).
+template <typename Body>
+auto dispatch_dtypes(const DTypes& dtypes, Body&& body) {
+  return dispatch_dtype(dtypes.param, [&](auto param) {
+    using T = typename decltype(param)::type;
+    return dispatch_either<acc_t<T>, T>(dtypes.theta_star, [&](auto star) {
+      return dispatch_either<acc_t<T>, bf16>(dtypes.omega, [&](auto omega) { return body(param, star, omega); });
+    });
+  });
+}
+
+// The element types of a dispatch_dtypes body: parameters T, θ* TS, Ω OM, arithmetic A.
+#define MAS_FAST_STATE_TYPES(param, star, omega)   \
+  using T = typename decltype(param)::type;         \
+  using TS = typename decltype(star)::type;         \
+  using OM = typename decltype(omega)::type;        \
+  using A = acc_t<T>;
+
 // Same for ops whose tensors are all in an accumulation type (Ω merge, running means).
 template <typename Body>
 auto dispatch_acc_dtype(DType dtype, Body&& body) {

@@ -65,21 +65,22 @@ void proximal_map(T* __restrict__ p, const A* __restrict__ block, int64_t begin,
 // Per block [begin, end), returns ΣΩ(θ−θ*)² (0 without kPenalty) and writes buf[i − begin]:
 // g + 2λΩ(θ−θ*) (explicit; plain g without kPenalty), or (kProximal) plain g with θ* in row
 // kStarRow and 1 + 2·lr·λΩ in row kDenomRow.
-template <bool kPenalty, bool kProximal, typename T, typename A>
-double penalised_grads(const T* __restrict__ p, const T* __restrict__ g, const A* __restrict__ ts,
-                       const A* __restrict__ om, int64_t begin, int64_t end, A two_lam, A lr_two_lam,
+// θ* (TS) and Ω (OM) are widened to A on load (lean state: TS = T, OM = bf16).
+template <bool kPenalty, bool kProximal, typename T, typename TS, typename OM, typename A>
+double penalised_grads(const T* __restrict__ p, const T* __restrict__ g, const TS* __restrict__ ts,
+                       const OM* __restrict__ om, int64_t begin, int64_t end, A two_lam, A lr_two_lam,
                        A* __restrict__ buf) {
   if constexpr (kPenalty) {
     return lane_sum(begin, end, [&](int64_t i) {
-      const A o = om[i], pv = load(p, i);
+      const A o = load(om, i), pv = load(p, i), star = load(ts, i);
       if constexpr (kProximal) {
         buf[i - begin] = load(g, i);
-        buf[kStarRow * kBlock + i - begin] = ts[i];
+        buf[kStarRow * kBlock + i - begin] = star;
         buf[kDenomRow * kBlock + i - begin] = A(1) + lr_two_lam * o;
       } else {
-        buf[i - begin] = load(g, i) + two_lam * o * (pv - ts[i]);  // in A, as reference.py's step
+        buf[i - begin] = load(g, i) + two_lam * o * (pv - star);  // in A, as reference.py's step
       }
-      return penalty_term(diff(pv, ts[i]), o);
+      return penalty_term(diff(pv, star), o);
     });
   } else {
     for (int64_t i = begin; i < end; ++i) buf[i - begin] = load(g, i);
@@ -155,11 +156,10 @@ void adam_update(T* __restrict__ p, const A* __restrict__ grads, T* __restrict__
 
 }  // namespace
 
-double sgd_step(DType dtype, const TensorLists& t, void* const* momentum_buffers, const SgdConfig& c,
+double sgd_step(const DTypes& dtypes, const TensorLists& t, void* const* momentum_buffers, const SgdConfig& c,
                 int threads) {
-  const double sum = dispatch_dtype(dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
-    using A = acc_t<T>;
+  const double sum = dispatch_dtypes(dtypes, [&](auto param, auto star, auto omega) {
+    MAS_FAST_STATE_TYPES(param, star, omega)
     const SgdCoeffs<A> k{A(2.0 * c.lam),         A(c.lr),      A(c.weight_decay),
                          A(c.momentum),          A(1.0 - c.dampening), A(c.lr * 2.0 * c.lam),
                          c.maximize,             c.weight_decay != 0,  c.nesterov,
@@ -171,8 +171,8 @@ double sgd_step(DType dtype, const TensorLists& t, void* const* momentum_buffers
           T* p = ptr<T>(t.params, i);
           const T* g = ptr<T>(t.grads, i);
           T* buf = momentum ? ptr<T>(momentum_buffers, i) : nullptr;
-          const A* ts = penalty ? ptr<A>(t.theta_star, i) : nullptr;
-          const A* om = penalty ? ptr<A>(t.omega, i) : nullptr;
+          const TS* ts = penalty ? ptr<TS>(t.theta_star, i) : nullptr;
+          const OM* om = penalty ? ptr<OM>(t.omega, i) : nullptr;
           return over_blocks<A>(ch.begin, ch.end, [&](int64_t b, int64_t e, A* grads) {
             const double sum = penalised_grads<penalty, prox>(p, g, ts, om, b, e, k.two_lam, k.lr_two_lam, grads);
             sgd_update<momentum, prox>(p, grads, buf, b, e, k);
@@ -185,11 +185,10 @@ double sgd_step(DType dtype, const TensorLists& t, void* const* momentum_buffers
   return c.lam * sum;
 }
 
-double adam_step(DType dtype, const TensorLists& t, void* const* exp_avgs, void* const* exp_avg_sqs,
+double adam_step(const DTypes& dtypes, const TensorLists& t, void* const* exp_avgs, void* const* exp_avg_sqs,
                  void* const* max_exp_avg_sqs, const AdamConfig& c, int threads) {
-  const double sum = dispatch_dtype(dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
-    using A = acc_t<T>;
+  const double sum = dispatch_dtypes(dtypes, [&](auto param, auto star, auto omega) {
+    MAS_FAST_STATE_TYPES(param, star, omega)
     const AdamCoeffs<A> k{A(2.0 * c.lam),
                           A(c.weight_decay),
                           A(c.eps),
@@ -211,8 +210,8 @@ double adam_step(DType dtype, const TensorLists& t, void* const* exp_avgs, void*
           T* m = ptr<T>(exp_avgs, i);
           T* v = ptr<T>(exp_avg_sqs, i);
           T* vmax = amsgrad ? ptr<T>(max_exp_avg_sqs, i) : nullptr;
-          const A* ts = penalty ? ptr<A>(t.theta_star, i) : nullptr;
-          const A* om = penalty ? ptr<A>(t.omega, i) : nullptr;
+          const TS* ts = penalty ? ptr<TS>(t.theta_star, i) : nullptr;
+          const OM* om = penalty ? ptr<OM>(t.omega, i) : nullptr;
           // torch.optim's bias corrections from the incremented step, in double
           const double step = c.steps[i];
           const A neg_step = A(-(c.lr / (1.0 - std::pow(c.beta1, step))));

@@ -1,5 +1,5 @@
 // CPU implementations of the mas_fast ops (TORCH_LIBRARY_IMPL(mas_fast, CPU)): validate every
-// argument, then hand each dtype group's contiguous pointers to the OpenMP kernels of
+// argument, then hand each dtype group's (parameters, θ*, Ω) contiguous pointers to the OpenMP kernels of
 // cpu/kernels.h and write the results back into non-contiguous targets.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,18 +21,18 @@ const at::Device kCPU(at::kCPU);
 
 int threads() { return at::get_num_threads(); }
 
-Tensor as_result(double value, TensorList omega) {
-  return penalty_result(at::scalar_tensor(value, at::TensorOptions().dtype(at::kDouble)), omega);
+Tensor as_result(double value, TensorList theta_star, TensorList omega) {
+  return penalty_result(at::scalar_tensor(value, at::TensorOptions().dtype(at::kDouble)), theta_star, omega);
 }
 
 Tensor penalty(TensorList params, TensorList theta_star, TensorList omega, double lam) {
   check_penalty_op("mas_fast::penalty", params, theta_star, omega, kCPU);
   double total = 0.0;
-  for (const auto& [dtype, index] : group_by_dtype(params)) {
+  for (const auto& [dtypes, index] : group_by_dtypes(params, theta_star, omega)) {
     GroupLists g(index, params, {}, theta_star, omega);
-    total += cpu::penalty(dtype, g.lists, lam, threads());
+    total += cpu::penalty(dtypes, g.lists, lam, threads());
   }
-  return as_result(total, omega);
+  return as_result(total, theta_star, omega);
 }
 
 std::vector<Tensor> penalty_backward(const Tensor& grad_out, TensorList params, TensorList theta_star,
@@ -43,9 +43,9 @@ std::vector<Tensor> penalty_backward(const Tensor& grad_out, TensorList params, 
   std::vector<Tensor> grads;
   for (const Tensor& p : params) grads.push_back(at::empty(p.sizes(), p.options()));
   const double scale = 2.0 * lam * grad_out.item<double>();
-  for (const auto& [dtype, index] : group_by_dtype(params)) {
+  for (const auto& [dtypes, index] : group_by_dtypes(params, theta_star, omega)) {
     GroupLists g(index, params, grads, theta_star, omega);
-    cpu::penalty_grad(dtype, g.lists, scale, threads());
+    cpu::penalty_grad(dtypes, g.lists, scale, threads());
   }
   return grads;
 }
@@ -53,12 +53,12 @@ std::vector<Tensor> penalty_backward(const Tensor& grad_out, TensorList params, 
 Tensor penalty_and_grad(TensorList params, TensorList grads, TensorList theta_star, TensorList omega, double lam) {
   check_penalty_and_grad_op("mas_fast::penalty_and_grad_", params, grads, theta_star, omega, kCPU);
   double total = 0.0;
-  for (const auto& [dtype, index] : group_by_dtype(params)) {
+  for (const auto& [dtypes, index] : group_by_dtypes(params, theta_star, omega)) {
     GroupLists g(index, params, grads, theta_star, omega);
-    total += cpu::penalty_and_grad(dtype, g.lists, lam, threads());
+    total += cpu::penalty_and_grad(dtypes, g.lists, lam, threads());
     g.grads.write_back();
   }
-  return as_result(total, omega);
+  return as_result(total, theta_star, omega);
 }
 
 void merge(TensorList dst, TensorList src, double a, double b) {
@@ -93,14 +93,14 @@ Tensor sgd_step(TensorList params, TensorList grads, TensorList momentum_buffers
                nesterov, kCPU);
   const SgdConfig config{lam, lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffers, proximal};
   double total = 0.0;
-  for (const auto& [dtype, index] : group_by_dtype(params)) {
+  for (const auto& [dtypes, index] : group_by_dtypes(params, theta_star, omega)) {
     GroupLists g(index, params, grads, theta_star, omega);
     Operand buf(momentum_buffers, index);
-    total += cpu::sgd_step(dtype, g.lists, buf.ptrs(), config, threads());
+    total += cpu::sgd_step(dtypes, g.lists, buf.ptrs(), config, threads());
     g.params.write_back();
     buf.write_back();
   }
-  return as_result(total, omega);
+  return as_result(total, theta_star, omega);
 }
 
 Tensor adam_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -110,20 +110,20 @@ Tensor adam_step(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
   check_adam_op("mas_fast::adam_step_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star,
                 omega, amsgrad, kCPU);
   double total = 0.0;
-  for (const auto& [dtype, index] : group_by_dtype(params)) {
+  for (const auto& [dtypes, index] : group_by_dtypes(params, theta_star, omega)) {
     std::vector<double> group_steps;  // torch.optim: step += 1, bias corrections from the new step
     for (int64_t i : index) group_steps.push_back(steps[i].add_(1).item<double>());
     const AdamConfig config{lam,     lr,       beta1,    beta2,    eps, weight_decay, decoupled_weight_decay,
                             amsgrad, maximize, proximal, group_steps.data()};
     GroupLists g(index, params, grads, theta_star, omega);
     Operand m(exp_avgs, index), v(exp_avg_sqs, index), vmax(max_exp_avg_sqs, index);
-    total += cpu::adam_step(dtype, g.lists, m.ptrs(), v.ptrs(), vmax.ptrs(), config, threads());
+    total += cpu::adam_step(dtypes, g.lists, m.ptrs(), v.ptrs(), vmax.ptrs(), config, threads());
     g.params.write_back();
     m.write_back();
     v.write_back();
     vmax.write_back();
   }
-  return as_result(total, omega);
+  return as_result(total, theta_star, omega);
 }
 
 // Σ_k |Σ_t δ_kgt x_kgtᵀ| → (G, O, I) in the accumulation dtype (float64 if an input is, else

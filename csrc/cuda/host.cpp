@@ -11,11 +11,14 @@ namespace cuda {
 namespace host {
 namespace {
 
-// Tensor indices per (dtype, step) in a fixed order; step 0 for ops without one.
-using Groups = std::map<std::pair<DType, double>, std::vector<int64_t>>;
+// Tensor indices per (dtypes, step) in a fixed order; step 0 for ops without one. D is DTypes
+// (penalty, steps) or DType (state ops).
+template <typename D>
+using Groups = std::map<std::pair<D, double>, std::vector<int64_t>>;
 
-Groups make_groups(int64_t n, const DType* dtypes, const double* steps) {
-  Groups groups;
+template <typename D>
+Groups<D> make_groups(int64_t n, const D* dtypes, const double* steps) {
+  Groups<D> groups;
   for (int64_t i = 0; i < n; ++i) groups[{dtypes[i], steps ? steps[i] : 0.0}].push_back(i);
   return groups;
 }
@@ -50,7 +53,7 @@ class GroupView {
 // Runs call(group, view, partials, value) per group — each group owning a slice of the chunk
 // partials and one value slot at the end of the workspace — then sums the values into *out.
 template <typename Call>
-cudaError_t reduce_groups(const Groups& groups, const int64_t* numel, double* workspace, double* out,
+cudaError_t reduce_groups(const Groups<DTypes>& groups, const int64_t* numel, double* workspace, double* out,
                           cudaStream_t stream, Call&& call) {
   int64_t chunks = 0;
   for (const auto& [key, index] : groups)
@@ -70,11 +73,11 @@ cudaError_t reduce_groups(const Groups& groups, const int64_t* numel, double* wo
 
 }  // namespace
 
-int64_t workspace_len(int64_t n, const DType* dtypes, const int64_t* numel, const double* steps) {
+int64_t workspace_len(int64_t n, const DTypes* dtypes, const int64_t* numel, const double* steps) {
   return partials_len(n, numel) + int64_t(make_groups(n, dtypes, steps).size());
 }
 
-cudaError_t penalty_and_grad(const DType* dtypes, const TensorLists& t, double lam, double* workspace, double* out,
+cudaError_t penalty_and_grad(const DTypes* dtypes, const TensorLists& t, double lam, double* workspace, double* out,
                              cudaStream_t stream) {
   return reduce_groups(make_groups(t.n, dtypes, nullptr), t.numel, workspace, out, stream,
                        [&](const auto& key, GroupView& g, double* partials, double* value) {
@@ -82,7 +85,7 @@ cudaError_t penalty_and_grad(const DType* dtypes, const TensorLists& t, double l
                        });
 }
 
-cudaError_t penalty_grad(const DType* dtypes, const TensorLists& t, const double* scale, cudaStream_t stream) {
+cudaError_t penalty_grad(const DTypes* dtypes, const TensorLists& t, const double* scale, cudaStream_t stream) {
   for (const auto& [key, index] : make_groups(t.n, dtypes, nullptr)) {
     GroupView g(index);
     const cudaError_t err = cuda::penalty_grad(key.first, g.lists(t), scale, stream);
@@ -115,7 +118,7 @@ cudaError_t running_mean_update(const DType* dtypes, int64_t n, const int64_t* n
   return cudaSuccess;
 }
 
-cudaError_t sgd_step(const DType* dtypes, const TensorLists& t, void* const* momentum_buffers, const SgdConfig& c,
+cudaError_t sgd_step(const DTypes* dtypes, const TensorLists& t, void* const* momentum_buffers, const SgdConfig& c,
                      double* workspace, double* out, cudaStream_t stream) {
   return reduce_groups(make_groups(t.n, dtypes, nullptr), t.numel, workspace, out, stream,
                        [&](const auto& key, GroupView& g, double* partials, double* value) {
@@ -125,7 +128,7 @@ cudaError_t sgd_step(const DType* dtypes, const TensorLists& t, void* const* mom
                        });
 }
 
-cudaError_t adam_step(const DType* dtypes, const TensorLists& t, void* const* exp_avgs, void* const* exp_avg_sqs,
+cudaError_t adam_step(const DTypes* dtypes, const TensorLists& t, void* const* exp_avgs, void* const* exp_avg_sqs,
                       void* const* max_exp_avg_sqs, const AdamConfig& c, double* workspace, double* out,
                       cudaStream_t stream) {
   return reduce_groups(make_groups(t.n, dtypes, c.steps), t.numel, workspace, out, stream,

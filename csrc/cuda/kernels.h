@@ -5,7 +5,8 @@
 // Each op launches on `stream` and returns the launch's cudaError_t. The penalty-reducing ops
 // write λΣΩ(θ−θ*)² to *out, a device double, summed deterministically from one double per
 // 65,536-element chunk in `partials` (partials_len() slots). The fused optimizers also accept
-// null θ*/Ω entries per tensor (a parameter MAS does not cover: a plain step).
+// null θ*/Ω entries per tensor (a parameter MAS does not cover: a plain step). The penalty and
+// step kernels read θ* and Ω in the element types of `dtypes` (lean state: widened on load).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -24,12 +25,12 @@ int64_t partials_len(int64_t n, const int64_t* numel);
 cudaError_t sum(const double* values, int64_t n, double* out, cudaStream_t stream);
 
 // λΣΩ(θ − θ*)² to *out, and grad += 2λΩ(θ − θ*) when t.grads is not null.
-cudaError_t penalty_and_grad(DType dtype, const TensorLists& t, double lam, double* partials, double* out,
+cudaError_t penalty_and_grad(const DTypes& dtypes, const TensorLists& t, double lam, double* partials, double* out,
                              cudaStream_t stream);
 
 // grads[i] = (*scale)·Ω(θ − θ*) (grads written, not accumulated): the penalty's backward, with
 // scale = 2λ·(upstream gradient) as a device double, so no host synchronisation is needed.
-cudaError_t penalty_grad(DType dtype, const TensorLists& t, const double* scale, cudaStream_t stream);
+cudaError_t penalty_grad(const DTypes& dtypes, const TensorLists& t, const double* scale, cudaStream_t stream);
 
 // dst ← a·dst + b·src; dtype f32 or f64 for both lists.
 cudaError_t merge(DType dtype, int64_t n, const int64_t* numel, void* const* dst, void* const* src, double a,
@@ -43,9 +44,9 @@ cudaError_t running_mean_update(DType dtype, int64_t n, const int64_t* numel, vo
 // Fused optimizer steps (see mas_fast/ops/reference.py sgd_step_ / adam_step_ for the order of
 // operations); the penalty at the parameters before the step goes to *out. adam_step takes
 // the bias corrections of c.steps[0] for every tensor of the call.
-cudaError_t sgd_step(DType dtype, const TensorLists& t, void* const* momentum_buffers, const SgdConfig& c,
+cudaError_t sgd_step(const DTypes& dtypes, const TensorLists& t, void* const* momentum_buffers, const SgdConfig& c,
                      double* partials, double* out, cudaStream_t stream);
-cudaError_t adam_step(DType dtype, const TensorLists& t, void* const* exp_avgs, void* const* exp_avg_sqs,
+cudaError_t adam_step(const DTypes& dtypes, const TensorLists& t, void* const* exp_avgs, void* const* exp_avg_sqs,
                       void* const* max_exp_avg_sqs, const AdamConfig& c, double* partials, double* out,
                       cudaStream_t stream);
 

@@ -32,6 +32,37 @@ cudaError_t dispatch_dtype(DType dtype, Body&& body) {
   return cudaErrorInvalidValue;
 }
 
+// Math type of a parameter type: fp64 stays fp64, everything else computes in fp32.
+template <typename T> struct MathOf { using type = float; };
+template <> struct MathOf<double> { using type = double; };
+
+template <typename T> struct DTypeOf;
+template <> struct DTypeOf<float> { static constexpr DType value = DType::f32; };
+template <> struct DTypeOf<double> { static constexpr DType value = DType::f64; };
+template <> struct DTypeOf<__nv_bfloat16> { static constexpr DType value = DType::bf16; };
+template <> struct DTypeOf<__half> { static constexpr DType value = DType::f16; };
+
+// Calls body(Type<X>{}) or body(Type<Y>{}), whichever `dtype` names (one instantiation when X is Y).
+template <typename X, typename Y, typename Body>
+cudaError_t dispatch_either(DType dtype, Body&& body) {
+  if (dtype == DTypeOf<X>::value) return body(Type<X>{});
+  if (dtype == DTypeOf<Y>::value) return body(Type<Y>{});
+  return cudaErrorInvalidValue;
+}
+
+// Calls body(Type<P>{}, Type<TS>{}, Type<OM>{}) for the device types of the parameters, θ*
+// (their math type or P) and Ω (the math type or bf16) of `dtypes` (mas_fast_kernels.h).
+template <typename Body>
+cudaError_t dispatch_dtypes(const DTypes& dtypes, Body&& body) {
+  return dispatch_dtype(dtypes.param, [&](auto param) {
+    using P = typename decltype(param)::type;
+    using M = typename MathOf<P>::type;
+    return dispatch_either<M, P>(dtypes.theta_star, [&](auto star) {
+      return dispatch_either<M, __nv_bfloat16>(dtypes.omega, [&](auto omega) { return body(param, star, omega); });
+    });
+  });
+}
+
 constexpr int kChunk = 65536;     // elements per block
 constexpr int kThreads = 512;
 constexpr int kILP = 4;           // elements per thread per step: 128-bit loads for fp32
@@ -61,10 +92,6 @@ template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat
 template <typename T, typename M> __device__ __forceinline__ T from_math(M v) { return static_cast<T>(v); }
 template <> __device__ __forceinline__ __half from_math<__half, float>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_math<__nv_bfloat16, float>(float v) { return __float2bfloat16_rn(v); }
-
-// Math type of a parameter type: fp64 stays fp64, everything else computes in fp32.
-template <typename T> struct MathOf { using type = float; };
-template <> struct MathOf<double> { using type = double; };
 
 template <typename M, typename T> __device__ __forceinline__ M load_as(const T* p) {
   return static_cast<M>(to_float(*p));

@@ -59,10 +59,17 @@ std::vector<DType> dtypes_of(TensorList list) {
   return dtypes;
 }
 
+// Per tensor: the element types of its parameter, θ* and Ω (host.h groups by them).
+std::vector<DTypes> dtypes_of(TensorList params, TensorList theta_star, TensorList omega) {
+  std::vector<DTypes> dtypes;
+  for (size_t i = 0; i < params.size(); ++i) dtypes.push_back(dtypes_at(params, theta_star, omega, i));
+  return dtypes;
+}
+
 // Device doubles for a penalty-reducing host call: its workspace and its value.
 struct Reduction {
   Tensor workspace, value;
-  Reduction(TensorList params, const std::vector<DType>& dtypes, const double* steps, const at::Device& device) {
+  Reduction(TensorList params, const std::vector<DTypes>& dtypes, const double* steps, const at::Device& device) {
     const auto options = at::TensorOptions().dtype(at::kDouble).device(device);
     const std::vector<int64_t> numel = numels(params, every(params.size()));
     const int64_t len = cuda::host::workspace_len(int64_t(params.size()), dtypes.data(), numel.data(), steps);
@@ -80,13 +87,13 @@ Tensor penalty_impl(const char* op, TensorList params, TensorList grads, TensorL
   else
     check_penalty_and_grad_op(op, params, grads, theta_star, omega, device);
   const c10::cuda::CUDAGuard guard(device);
-  const std::vector<DType> dtypes = dtypes_of(params);
+  const std::vector<DTypes> dtypes = dtypes_of(params, theta_star, omega);
   GroupLists all(every(params.size()), params, grads, theta_star, omega);
   Reduction r(params, dtypes, nullptr, device);
   check_launch(op, cuda::host::penalty_and_grad(dtypes.data(), all.lists, lam, r.workspace.data_ptr<double>(),
                                                 r.value.data_ptr<double>(), stream()));
   all.grads.write_back();
-  return penalty_result(r.value, omega);
+  return penalty_result(r.value, theta_star, omega);
 }
 
 Tensor penalty(TensorList params, TensorList theta_star, TensorList omega, double lam) {
@@ -111,7 +118,7 @@ std::vector<Tensor> penalty_backward(const Tensor& grad_out, TensorList params, 
   const Tensor scale = (grad_out.to(device, at::kDouble).reshape({}) * (2.0 * lam)).contiguous();
   std::vector<Tensor> grads;
   for (const Tensor& p : params) grads.push_back(at::empty(p.sizes(), p.options()));
-  const std::vector<DType> dtypes = dtypes_of(params);
+  const std::vector<DTypes> dtypes = dtypes_of(params, theta_star, omega);
   GroupLists all(every(params.size()), params, grads, theta_star, omega);
   check_launch(op, cuda::host::penalty_grad(dtypes.data(), all.lists, scale.data_ptr<double>(), stream()));
   return grads;
@@ -157,7 +164,7 @@ Tensor sgd_step(TensorList params, TensorList grads, TensorList momentum_buffers
   check_sgd_op(op, params, grads, momentum_buffers, theta_star, omega, momentum, dampening, nesterov, device);
   const SgdConfig config{lam, lr, momentum, dampening, weight_decay, nesterov, maximize, init_buffers, proximal};
   const c10::cuda::CUDAGuard guard(device);
-  const std::vector<DType> dtypes = dtypes_of(params);
+  const std::vector<DTypes> dtypes = dtypes_of(params, theta_star, omega);
   GroupLists all(every(params.size()), params, grads, theta_star, omega);
   Operand buf(momentum_buffers, every(params.size()));
   Reduction r(params, dtypes, nullptr, device);
@@ -165,7 +172,7 @@ Tensor sgd_step(TensorList params, TensorList grads, TensorList momentum_buffers
                                         r.value.data_ptr<double>(), stream()));
   all.params.write_back();
   buf.write_back();
-  return penalty_result(r.value, omega);
+  return penalty_result(r.value, theta_star, omega);
 }
 
 Tensor adam_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -182,7 +189,7 @@ Tensor adam_step(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                           amsgrad, maximize, proximal, new_steps.data()};
   const c10::cuda::CUDAGuard guard(device);
   const std::vector<int64_t> index = every(params.size());
-  const std::vector<DType> dtypes = dtypes_of(params);
+  const std::vector<DTypes> dtypes = dtypes_of(params, theta_star, omega);
   GroupLists all(index, params, grads, theta_star, omega);
   Operand m(exp_avgs, index), v(exp_avg_sqs, index), vmax(max_exp_avg_sqs, index);
   Reduction r(params, dtypes, new_steps.data(), device);
@@ -192,7 +199,7 @@ Tensor adam_step(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
   m.write_back();
   v.write_back();
   vmax.write_back();
-  return penalty_result(r.value, omega);
+  return penalty_result(r.value, theta_star, omega);
 }
 
 // Σ_k |Σ_t δ_ktc · s_ktc| for (B, T, C) of any strides: bias and norm-affine importance.

@@ -2,11 +2,14 @@
 
 Each op is one call over all parameters (torch.ops.mas_fast.*; schemas in csrc/ops.cpp, fake
 implementations and the penalty's autograd formula in cpp_registrations.py, so the ops trace
-under torch.compile). Parameters and grads: float32/float64/bfloat16/float16; Ω and θ*: float32
-(float64 for float64 parameters). Non-contiguous tensors work (through a contiguous copy).
+under torch.compile). Parameters and grads: float32/float64/bfloat16/float16; θ* in the
+parameter's accumulation dtype (float32, float64 for float64 parameters) or, in the lean state,
+its own dtype; Ω in the accumulation dtype or bfloat16 (lean). The kernels read the lean state as
+it is, widening on load. Non-contiguous tensors work (through a contiguous copy).
 The penalty is accumulated in float64 per 65,536-element chunk, chunks added in a fixed
 order: deterministic and independent of the thread count (torch.get_num_threads()); the value
-is returned as reference.py returns it (Ω's dtype, inf beyond its range, never an error).
+is returned as reference.py returns it (policy.penalty_dtype, inf beyond its range, never an
+error).
 Per-sample importance (per_sample_abs_matmul, conv_abs_grad) runs the fused kernel of
 csrc/cpu/importance.cpp on the shapes where it beats the reference, the reference elsewhere.
 """

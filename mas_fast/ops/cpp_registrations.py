@@ -14,19 +14,20 @@ from typing import Sequence
 
 import torch
 
+from .policy import penalty_dtype
+
 Tensor = torch.Tensor
 
 
-def _scalar(params: Sequence[Tensor], omega: Sequence[Tensor]) -> Tensor:
-    """The 0-dim penalty value in the dtype reference.py returns (Ω[0]'s; float32 without Ω),
-    on the parameters' device (where the kernels reduce it)."""
-    dtype = omega[0].dtype if omega else torch.float32
-    return torch.empty((), dtype=dtype, device=params[0].device if params else "cpu")
+def _scalar(params: Sequence[Tensor], theta_star: Sequence[Tensor], omega: Sequence[Tensor]) -> Tensor:
+    """The 0-dim penalty value in the dtype reference.py returns (policy.penalty_dtype), on the
+    parameters' device (where the kernels reduce it)."""
+    return torch.empty((), dtype=penalty_dtype(theta_star, omega), device=params[0].device if params else "cpu")
 
 
 @torch.library.register_fake("mas_fast::penalty")
 def _penalty_fake(params, theta_star, omega, lam):
-    return _scalar(params, omega)
+    return _scalar(params, theta_star, omega)
 
 
 @torch.library.register_fake("mas_fast::penalty_backward")
@@ -36,7 +37,7 @@ def _penalty_backward_fake(grad_out, params, theta_star, omega, lam):
 
 @torch.library.register_fake("mas_fast::penalty_and_grad_")
 def _penalty_and_grad_fake(params, grads, theta_star, omega, lam):
-    return _scalar(params, omega)
+    return _scalar(params, theta_star, omega)
 
 
 @torch.library.register_fake("mas_fast::merge_")
@@ -52,14 +53,14 @@ def _running_mean_update_fake(means, compensations, batch_sums, count, batch_cou
 @torch.library.register_fake("mas_fast::sgd_step_")
 def _sgd_step_fake(params, grads, momentum_buffers, theta_star, omega, lam, lr, momentum, dampening,
                    weight_decay, nesterov, maximize, init_buffers, proximal=False):
-    return _scalar(params, omega)
+    return _scalar(params, theta_star, omega)
 
 
 @torch.library.register_fake("mas_fast::adam_step_")
 def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star, omega, lam,
                     lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
                     proximal=False):
-    return _scalar(params, omega)
+    return _scalar(params, theta_star, omega)
 
 
 @torch.library.register_fake("mas_fast::per_sample_abs_sum")

@@ -1,11 +1,15 @@
 """Precision and memory policy shared by every backend and by the importance engine.
 
 - `acc_dtype`: the dtype Ω, θ* and importance sums are kept in (float32, float64 for float64).
+- `LEAN_OMEGA_DTYPE` / `state_dtypes_allowed`: the lean state (Ω in bfloat16, θ* in the
+  parameter's dtype) every penalty and step kernel reads as it is, widening on load.
+- `penalty_dtype`: the dtype every backend returns a penalty value in.
 - `chunk_elements` / `samples_per_chunk`: the element budget that bounds per-sample temporaries.
 """
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import torch
 
@@ -26,3 +30,20 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
 def samples_per_chunk(elements_per_sample: int, batch: int) -> int:
     """How many samples fit in one chunk without exceeding `chunk_elements()`."""
     return max(1, min(batch, chunk_elements() // max(1, elements_per_sample)))
+
+
+# Ω's dtype in the lean state (MAS(state_dtype=torch.bfloat16)); θ* then has the parameter's.
+LEAN_OMEGA_DTYPE = torch.bfloat16
+
+
+def state_dtypes_allowed(param_dtype: torch.dtype) -> tuple[tuple[torch.dtype, ...], tuple[torch.dtype, ...]]:
+    """(θ* dtypes, Ω dtypes) the penalty and step ops take for a parameter of `param_dtype`: the
+    accumulation dtype (the default state) or the lean one."""
+    acc = acc_dtype(param_dtype)
+    return tuple(dict.fromkeys((acc, param_dtype))), tuple(dict.fromkeys((acc, LEAN_OMEGA_DTYPE)))
+
+
+def penalty_dtype(theta_star: Sequence[torch.Tensor], omega: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype of a penalty value: float64 when θ*[0] or Ω[0] is, else float32 (also for the
+    lean bfloat16 Ω)."""
+    return acc_dtype(*(ts[0].dtype for ts in (theta_star, omega) if len(ts)))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .optim_config import AdamConfig, SGDConfig
-from .policy import acc_dtype, samples_per_chunk
+from .policy import acc_dtype, penalty_dtype, samples_per_chunk
 
 Tensor = torch.Tensor
 
@@ -163,23 +163,24 @@ def merge_(dst: Sequence[Tensor], src: Sequence[Tensor], a: float, b: float) -> 
 
 def penalty(params: Sequence[Tensor], theta_star: Sequence[Tensor], omega: Sequence[Tensor],
             lam: float) -> Tensor:
-    """λ Σ_i Ω_i (θ_i − θ*_i)², differentiable w.r.t. `params`, returned in Ω's dtype.
+    """λ Σ_i Ω_i (θ_i − θ*_i)², differentiable w.r.t. `params`, returned in `penalty_dtype`.
 
-    Every term and the sum are computed in float64: Ω near the float32 limit times (θ − θ*)²
-    can overflow float32 although λ·Σ fits, so the result is inf only when it truly exceeds
-    the float32 range.
+    θ* is in the parameter's accumulation dtype or (lean state) its own; Ω in the accumulation
+    dtype or bfloat16. Every term and the sum are computed in float64: Ω near the float32 limit
+    times (θ − θ*)² can overflow float32 although λ·Σ fits, so the result is inf only when it
+    truly exceeds the float32 range.
     """
     if len(params) == 0:
         return torch.zeros((), dtype=torch.float32)
-    terms = [(o.double() * (p.double() - t).square()).sum() for p, t, o in zip(params, theta_star, omega)]
-    return (lam * torch.stack(terms).sum()).to(omega[0].dtype)
+    terms = [(o.double() * (p.double() - t.double()).square()).sum() for p, t, o in zip(params, theta_star, omega)]
+    return (lam * torch.stack(terms).sum()).to(penalty_dtype(theta_star, omega))
 
 
 def penalty_grad(params: Sequence[Tensor], theta_star: Sequence[Tensor], omega: Sequence[Tensor],
                  lam: float) -> list[Tensor]:
     """2λΩ(θ − θ*) per tensor, in the parameter's dtype: the gradient of `penalty`
     (computed in float64, so that a huge Ω with a small λ does not overflow on the way)."""
-    return [(2.0 * lam * o.double() * (p.detach().double() - t)).to(p.dtype)
+    return [(2.0 * lam * o.double() * (p.detach().double() - t.double())).to(p.dtype)
             for p, t, o in zip(params, theta_star, omega)]
 
 
@@ -205,17 +206,19 @@ def penalty_and_grad_(params: Sequence[Tensor], grads: Sequence[Tensor], theta_s
 
 def _penalised_grads(params: Sequence[Tensor], grads: Sequence[Tensor], theta_star: Sequence[Tensor],
                      omega: Sequence[Tensor], lam: float,
-                     fold: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """(penalty value, θ upcast, g upcast) for the step functions below; `fold` adds the penalty
-    gradient 2λΩ(θ−θ*) to g."""
+                     fold: bool) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """(penalty value, θ, g, θ*, Ω, all upcast to the accumulation dtype) for the step functions
+    below; `fold` adds the penalty gradient 2λΩ(θ−θ*) to g."""
     pvs = [p.detach().to(acc_dtype(p.dtype)) for p in params]
     gs = [g.to(pv.dtype) for g, pv in zip(grads, pvs)]
     if not theta_star:
-        return torch.zeros((), dtype=torch.float32), pvs, gs
+        return torch.zeros((), dtype=torch.float32), pvs, gs, [], []
+    stars = [t.to(pv.dtype) for t, pv in zip(theta_star, pvs)]  # lean θ*/Ω: widened first
+    omegas = [o.to(pv.dtype) for o, pv in zip(omega, pvs)]
     value = penalty(pvs, theta_star, omega, lam)
     if fold:
-        gs = [g + (2.0 * lam) * o * (pv - t) for g, pv, t, o in zip(gs, pvs, theta_star, omega)]
-    return value, pvs, gs
+        gs = [g + (2.0 * lam) * o * (pv - t) for g, pv, t, o in zip(gs, pvs, stars, omegas)]
+    return value, pvs, gs, stars, omegas
 
 
 def _proximal(stepped: Tensor, theta_star: Tensor, omega: Tensor, lr_two_lam: float) -> Tensor:
@@ -233,7 +236,7 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
     weight_decay, nesterov, maximize = config.weight_decay, config.nesterov, config.maximize
     prox = config.proximal and bool(theta_star)
     with torch.no_grad():
-        value, pvs, gs = _penalised_grads(params, grads, theta_star, omega, lam, fold=not prox)
+        value, pvs, gs, stars, omegas = _penalised_grads(params, grads, theta_star, omega, lam, fold=not prox)
         for i, (p, pv, g) in enumerate(zip(params, pvs, gs)):
             if maximize:
                 g = -g
@@ -245,7 +248,7 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
                 buf.copy_(b)
                 g = g + momentum * b if nesterov else b
             stepped = pv + (-lr) * g
-            p.copy_(_proximal(stepped, theta_star[i], omega[i], lr * 2.0 * lam) if prox else stepped)
+            p.copy_(_proximal(stepped, stars[i], omegas[i], lr * 2.0 * lam) if prox else stepped)
     return value
 
 
@@ -259,7 +262,7 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     amsgrad, maximize = config.amsgrad, config.maximize
     prox = config.proximal and bool(theta_star)
     with torch.no_grad():
-        value, pvs, gs = _penalised_grads(params, grads, theta_star, omega, lam, fold=not prox)
+        value, pvs, gs, stars, omegas = _penalised_grads(params, grads, theta_star, omega, lam, fold=not prox)
         for i, (p, pv, g) in enumerate(zip(params, pvs, gs)):
             if maximize:
                 g = -g
@@ -279,7 +282,7 @@ def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
                 v = torch.maximum(max_exp_avg_sqs[i].to(g.dtype), v)
                 max_exp_avg_sqs[i].copy_(v)
             stepped = pv + (-step_size) * m / (v.sqrt() / bc2_sqrt + eps)
-            p.copy_(_proximal(stepped, theta_star[i], omega[i], lr * 2.0 * lam) if prox else stepped)
+            p.copy_(_proximal(stepped, stars[i], omegas[i], lr * 2.0 * lam) if prox else stepped)
     return value
 
 

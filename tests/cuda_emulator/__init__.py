@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mas_fast.ops import AdamConfig, SGDConfig
+from mas_fast.ops import AdamConfig, SGDConfig, policy
 
 
 HERE = Path(__file__).resolve().parent
@@ -191,6 +191,18 @@ class EmulatedCuda:
     def _dtypes(self, tensors: Sequence[Tensor]) -> ctypes.Array:
         return self._array(ctypes.c_int, [DTYPE_CODE[t.dtype] for t in tensors])
 
+    def _state_dtypes(self, params: Sequence[Tensor], theta_star=None, omega=None) -> ctypes.Array:
+        """A mas_fast::DTypes per parameter: its dtype, θ*'s and Ω's (the accumulation dtype where
+        θ*/Ω are absent or None)."""
+        codes = []
+        for i, p in enumerate(params):
+            acc = policy.acc_dtype(p.dtype)
+            star = theta_star[i] if theta_star else None
+            om = omega[i] if omega else None
+            codes += [DTYPE_CODE[p.dtype], DTYPE_CODE[acc if star is None else star.dtype],
+                      DTYPE_CODE[acc if om is None else om.dtype]]
+        return self._array(ctypes.c_int, codes)
+
     def _lists(self, params, grads=None, theta_star=None, omega=None):
         """A mas_fast::TensorLists over contiguous tensors (None: a null list)."""
         numel = self._array(ctypes.c_int64, [p.numel() for p in params])
@@ -198,10 +210,12 @@ class EmulatedCuda:
         self._keep.append(lists)
         return ctypes.byref(lists)
 
-    def _workspace(self, params: Sequence[Tensor], steps: Optional[Sequence[float]] = None) -> Tensor:
+    def _workspace(self, params: Sequence[Tensor], theta_star, omega,
+                   steps: Optional[Sequence[float]] = None) -> Tensor:
         numel = self._array(ctypes.c_int64, [p.numel() for p in params])
         steps_array = None if steps is None else self._array(ctypes.c_double, steps)
-        count = self.lib.emu_workspace_len(ctypes.c_int64(len(params)), self._dtypes(params), numel, steps_array)
+        count = self.lib.emu_workspace_len(ctypes.c_int64(len(params)), self._state_dtypes(params, theta_star, omega),
+                                           numel, steps_array)
         return _output((max(1, count),), torch.float64)
 
     def _run(self, op: str, entry_point: str, *args) -> None:
@@ -236,8 +250,8 @@ class EmulatedCuda:
         """λΣΩ(θ−θ*)² (float64), adding 2λΩ(θ−θ*) into grads when given."""
         out = _output((), torch.float64)
         copies = _contiguous(grads)
-        workspace = self._workspace(params)
-        self._run("penalty_and_grad", "emu_penalty_and_grad", self._dtypes(params),
+        workspace = self._workspace(params, theta_star, omega)
+        self._run("penalty_and_grad", "emu_penalty_and_grad", self._state_dtypes(params, theta_star, omega),
                   self._lists(_contiguous(params), copies, _contiguous(theta_star), _contiguous(omega)),
                   ctypes.c_double(lam), self._ptr(workspace), self._ptr(out))
         if grads is not None:
@@ -253,14 +267,14 @@ class EmulatedCuda:
     def penalty_and_grad_(self, params, grads, theta_star, omega, lam: float) -> Tensor:
         if not params:
             return torch.zeros((), dtype=torch.float32)
-        return _value(self._penalty_value(params, grads, theta_star, omega, lam), omega)
+        return _value(self._penalty_value(params, grads, theta_star, omega, lam), theta_star, omega)
 
     def penalty_grad(self, params: Sequence[Tensor], theta_star: Sequence[Tensor], omega: Sequence[Tensor],
                      lam: float, upstream: float = 1.0) -> list[Tensor]:
         """The penalty's backward: grads = 2λ·upstream·Ω(θ − θ*), written into fresh tensors."""
         grads = [_output(tuple(p.shape), p.dtype) for p in params]
         scale = torch.tensor(2.0 * lam * upstream, dtype=torch.float64)
-        self._run("penalty_grad", "emu_penalty_grad", self._dtypes(params),
+        self._run("penalty_grad", "emu_penalty_grad", self._state_dtypes(params, theta_star, omega),
                   self._lists(_contiguous(params), grads, _contiguous(theta_star), _contiguous(omega)),
                   self._ptr(scale))
         return grads
@@ -291,17 +305,17 @@ class EmulatedCuda:
             return torch.zeros((), dtype=torch.float32)
         out = _output((), torch.float64)
         p, bufs = _contiguous(params), _contiguous(momentum_buffers)
-        workspace = self._workspace(params)
+        workspace = self._workspace(params, theta_star, omega)
         c = config
         kernel_config = _SgdConfig(lam, c.lr, c.momentum, c.dampening, c.weight_decay, c.nesterov, c.maximize,
                                    init_buffers, c.proximal)
-        self._run("sgd_step", "emu_sgd_step", self._dtypes(params),
+        self._run("sgd_step", "emu_sgd_step", self._state_dtypes(params, theta_star, omega),
                   self._lists(p, _contiguous(grads), *_terms(theta_star, omega)),
                   ctypes.c_void_p(self._ptrs(bufs if c.momentum != 0 else None)), ctypes.byref(kernel_config),
                   self._ptr(workspace), self._ptr(out))
         _write_back(params, p)
         _write_back(momentum_buffers, bufs)
-        return _value(out, omega)
+        return _value(out, theta_star, omega)
 
     def adam_step_(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, theta_star, omega,
                    lam: float, config: AdamConfig) -> Tensor:
@@ -312,17 +326,17 @@ class EmulatedCuda:
         c = config
         states = [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if c.amsgrad else None]
         copies = [None if ts is None else _contiguous(ts) for ts in states]
-        workspace = self._workspace(params, new_steps)
+        workspace = self._workspace(params, theta_star, omega, new_steps)
         kernel_config = _AdamConfig(lam, c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled_weight_decay,
                                     c.amsgrad, c.maximize, c.proximal, ctypes.addressof(self._array(ctypes.c_double, new_steps)))
-        self._run("adam_step", "emu_adam_step", self._dtypes(params),
+        self._run("adam_step", "emu_adam_step", self._state_dtypes(params, theta_star, omega),
                   self._lists(copies[0], _contiguous(grads), *_terms(theta_star, omega)),
                   *[ctypes.c_void_p(self._ptrs(t)) for t in copies[1:]], ctypes.byref(kernel_config),
                   self._ptr(workspace), self._ptr(out))
         for targets, written in zip(states, copies):
             if targets is not None:
                 _write_back(targets, written)
-        return _value(out, omega)
+        return _value(out, theta_star, omega)
 
     # ------------------------------------------------------------------ importance
     def per_sample_abs_sum(self, delta: Tensor, scale: Optional[Tensor] = None) -> Tensor:
@@ -363,10 +377,11 @@ def _terms(theta_star, omega) -> tuple:
     return (None, None) if not theta_star else (_contiguous(theta_star), _contiguous(omega))
 
 
-def _value(value: Tensor, omega: Sequence[Optional[Tensor]]) -> Tensor:
-    """The kernels' float64 penalty in reference.py's dtype: Ω[0]'s (float32 without Ω)."""
-    dtypes = [o.dtype for o in omega if o is not None]
-    return value.to(dtypes[0] if dtypes else torch.float32)
+def _value(value: Tensor, theta_star: Sequence[Optional[Tensor]], omega: Sequence[Optional[Tensor]]) -> Tensor:
+    """The kernels' float64 penalty in reference.py's dtype: that of θ*[0] and Ω[0] together
+    (float64 if either is, else float32)."""
+    dtypes = [t.dtype for ts in (theta_star, omega) for t in ts[:1] if t is not None]
+    return value.to(policy.acc_dtype(*dtypes))
 
 
 class _Penalty(torch.autograd.Function):
@@ -374,7 +389,7 @@ class _Penalty(torch.autograd.Function):
     def forward(ctx, emu: EmulatedCuda, lam: float, stars, omegas, *params):
         ctx.emu, ctx.lam, ctx.stars, ctx.omegas = emu, lam, stars, omegas
         ctx.save_for_backward(*params)
-        return _value(emu._penalty_value(params, None, stars, omegas, lam), omegas)
+        return _value(emu._penalty_value(params, None, stars, omegas, lam), stars, omegas)
 
     @staticmethod
     def backward(ctx, upstream):

@@ -8,8 +8,12 @@ namespace mf = mas_fast;
 namespace cu = mas_fast::cuda;
 
 namespace {
+// State ops: one DType code per tensor.
 const mf::DType* dtypes_of(const int* codes) { return reinterpret_cast<const mf::DType*>(codes); }
 static_assert(sizeof(mf::DType) == sizeof(int));
+// Penalty and steps: three codes per tensor (parameter, θ*, Ω), a mas_fast::DTypes.
+const mf::DTypes* state_dtypes_of(const int* codes) { return reinterpret_cast<const mf::DTypes*>(codes); }
+static_assert(sizeof(mf::DTypes) == 3 * sizeof(int));
 }  // namespace
 
 extern "C" {
@@ -17,7 +21,7 @@ extern "C" {
 const char* emu_failure() { return emu::failure(); }
 
 int64_t emu_workspace_len(int64_t n, const int* dtypes, const int64_t* numel, const double* steps) {
-  return cu::host::workspace_len(n, dtypes_of(dtypes), numel, steps);
+  return cu::host::workspace_len(n, state_dtypes_of(dtypes), numel, steps);
 }
 
 int64_t emu_per_sample_abs_sum_workspace_len(int64_t B, int64_t C) {
@@ -26,12 +30,12 @@ int64_t emu_per_sample_abs_sum_workspace_len(int64_t B, int64_t C) {
 
 int emu_penalty_and_grad(const int* dtypes, const mf::TensorLists* t, double lam, double* workspace, double* out) {
   emu::reset();
-  return cu::host::penalty_and_grad(dtypes_of(dtypes), *t, lam, workspace, out, nullptr);
+  return cu::host::penalty_and_grad(state_dtypes_of(dtypes), *t, lam, workspace, out, nullptr);
 }
 
 int emu_penalty_grad(const int* dtypes, const mf::TensorLists* t, const double* scale) {
   emu::reset();
-  return cu::host::penalty_grad(dtypes_of(dtypes), *t, scale, nullptr);
+  return cu::host::penalty_grad(state_dtypes_of(dtypes), *t, scale, nullptr);
 }
 
 int emu_merge(const int* dtypes, const mf::TensorLists* t, double a, double b) {  // dst: params, src: grads
@@ -49,13 +53,13 @@ int emu_running_mean_update(const int* dtypes, const mf::TensorLists* t, int64_t
 int emu_sgd_step(const int* dtypes, const mf::TensorLists* t, void* const* momentum_buffers,
                  const mf::SgdConfig* config, double* workspace, double* out) {
   emu::reset();
-  return cu::host::sgd_step(dtypes_of(dtypes), *t, momentum_buffers, *config, workspace, out, nullptr);
+  return cu::host::sgd_step(state_dtypes_of(dtypes), *t, momentum_buffers, *config, workspace, out, nullptr);
 }
 
 int emu_adam_step(const int* dtypes, const mf::TensorLists* t, void* const* exp_avgs, void* const* exp_avg_sqs,
                   void* const* max_exp_avg_sqs, const mf::AdamConfig* config, double* workspace, double* out) {
   emu::reset();
-  return cu::host::adam_step(dtypes_of(dtypes), *t, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *config, workspace, out,
+  return cu::host::adam_step(state_dtypes_of(dtypes), *t, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *config, workspace, out,
                              nullptr);
 }
 

@@ -5,7 +5,8 @@ Same op functions as `mas_fast.ops.reference` (see the dispatch contract in
 `mas_fast.ops`). On CUDA tensors the kernels are compiled and autotuned; with
 TRITON_INTERPRET=1 set before this package is imported they also run on CPU tensors in
 Triton's interpreter (slow: for tests), which "auto" never picks.
-Inputs may be fp32, bf16 or fp16 with any strides; results are fp32 (fp32 accumulation).
+Inputs may be fp32, bf16 or fp16 with any strides; results are fp32 (fp32 accumulation). The
+penalty and the steps also read the lean state (θ* in the parameters' dtype, Ω in bf16) as it is.
 fp64 inputs are refused with a reason, so that dispatch keeps them on the reference.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..optim_config import AdamConfig, SGDConfig
+from ..policy import state_dtypes_allowed
 
 Tensor = torch.Tensor
 
@@ -167,10 +169,21 @@ def merge_(dst: Sequence[Tensor], src: Sequence[Tensor], a: float, b: float) -> 
         _lib.merge_(list(dst), list(src), float(a), float(b))
 
 
+def _check_state(params: Sequence[Tensor], theta_star: Sequence[Tensor], omega: Sequence[Tensor]) -> None:
+    """θ* in the parameter's accumulation dtype or its own (lean), Ω in the accumulation dtype or
+    bfloat16 (lean): what the kernels read as it is (policy.state_dtypes_allowed)."""
+    for i, p in enumerate(params):
+        for name, t, allowed in zip(("theta_star", "omega"), (theta_star[i], omega[i]),
+                                    state_dtypes_allowed(p.dtype)):
+            if t.dtype not in allowed:
+                raise TypeError(f"{name}[{i}] is {t.dtype}, expected {' or '.join(map(str, allowed))} "
+                                f"(params[{i}] is {p.dtype})")
+
+
 def _check_penalty(params, theta_star, omega, grads=None) -> int:
     lists = dict(params=params, theta_star=theta_star, omega=omega)
     n = _check_lists(**lists, **({} if grads is None else {"grads": grads}))
-    _check_fp32(theta_star=theta_star, omega=omega)
+    _check_state(params, theta_star, omega)
     for i, g in enumerate(grads or ()):
         if g.dtype != params[i].dtype:
             raise TypeError(f"grads[{i}] is {g.dtype} but params[{i}] is {params[i].dtype}")
@@ -213,7 +226,7 @@ def _check_step(params, grads, theta_star, omega, **state: Sequence[Tensor]) -> 
     _check_like_params(params, grads=grads, **state)
     if theta_star or omega:
         _check_lists(params=params, theta_star=theta_star, omega=omega)
-        _check_fp32(theta_star=theta_star, omega=omega)
+        _check_state(params, theta_star, omega)
 
 
 def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],

@@ -49,10 +49,11 @@ def _cast(v, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _penalty_kernel(addrs, numels, chunk_tensor, chunk_start, n_tensors, partial_ptr, grad_scale_ptr,
-                    two_lam, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, GRAD_MODE: tl.constexpr,
-                    WITH_LOSS: tl.constexpr, INTERPRET: tl.constexpr, CHUNK: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    """Rows: θ, θ*, Ω (fp32) and, with GRAD_MODE, g. partial[chunk] = Σ Ω(θ − θ*)² (fp64).
+                    two_lam, P_DTYPE: tl.constexpr, TS_DTYPE: tl.constexpr, OM_DTYPE: tl.constexpr,
+                    G_DTYPE: tl.constexpr, GRAD_MODE: tl.constexpr, WITH_LOSS: tl.constexpr,
+                    INTERPRET: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows: θ, θ* (fp32 or, lean, θ's dtype), Ω (fp32 or bf16) and, with GRAD_MODE, g.
+    partial[chunk] = Σ Ω(θ − θ*)² (fp64).
 
     GRAD_MODE 0: no gradient; 1: g += 2λΩ(θ − θ*); 2: g = s·2λΩ(θ − θ*), s read from
     grad_scale_ptr (the backward of the penalty). Terms are computed in fp64, as in the
@@ -60,8 +61,8 @@ def _penalty_kernel(addrs, numels, chunk_tensor, chunk_start, n_tensors, partial
     """
     index, start, end = _chunk(numels, chunk_tensor, chunk_start, CHUNK)
     p = _ptr(addrs, n_tensors, 0, index, P_DTYPE)
-    ts = _ptr(addrs, n_tensors, 1, index, tl.float32)
-    om = _ptr(addrs, n_tensors, 2, index, tl.float32)
+    ts = _ptr(addrs, n_tensors, 1, index, TS_DTYPE)
+    om = _ptr(addrs, n_tensors, 2, index, OM_DTYPE)
     coef = two_lam
     if GRAD_MODE == 2:
         coef = coef * tl.load(grad_scale_ptr).to(tl.float32)
@@ -69,9 +70,11 @@ def _penalty_kernel(addrs, numels, chunk_tensor, chunk_start, n_tensors, partial
     for o in range(start, end, BLOCK):
         offs = o + tl.arange(0, BLOCK)
         mask = offs < end
-        w = tl.load(om + offs, mask=mask, other=0.0).to(tl.float64)
-        theta = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)  # (bf16 → fp64 via fp32)
-        diff = theta.to(tl.float64) - tl.load(ts + offs, mask=mask, other=0.0).to(tl.float64)
+        # 16-bit loads widen to fp64 via fp32
+        w = tl.load(om + offs, mask=mask, other=0.0).to(tl.float32).to(tl.float64)
+        theta = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
+        star = tl.load(ts + offs, mask=mask, other=0.0).to(tl.float32)
+        diff = theta.to(tl.float64) - star.to(tl.float64)
         if WITH_LOSS:
             acc += w * diff * diff
         if GRAD_MODE != 0:
@@ -180,7 +183,8 @@ def _penalty_launch(groups: Sequence[Sequence[Tensor]], lam: float, grad_mode: i
         g_dtype = _TL_DTYPE[l.dtypes[3]] if grad_mode else tl.float32
         _penalty_kernel[(l.n_chunks,)](
             *l.args(), partial[offset:], grad_scale if grad_scale is not None else partial,
-            2.0 * lam, P_DTYPE=_TL_DTYPE[l.dtypes[0]], G_DTYPE=g_dtype, GRAD_MODE=grad_mode,
+            2.0 * lam, P_DTYPE=_TL_DTYPE[l.dtypes[0]], TS_DTYPE=_TL_DTYPE[l.dtypes[1]],
+            OM_DTYPE=_TL_DTYPE[l.dtypes[2]], G_DTYPE=g_dtype, GRAD_MODE=grad_mode,
             WITH_LOSS=with_loss, INTERPRET=INTERPRET, CHUNK=CHUNK, BLOCK=CHUNK_BLOCK)
         offset += l.n_chunks
     if not with_loss:

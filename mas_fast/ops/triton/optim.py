@@ -22,23 +22,25 @@ from .multi_tensor import _TL_DTYPE, _cast, _chunk, _Contiguous, _launches, _ptr
 
 Tensor = torch.Tensor
 
-# Address rows of a launch (θ*/Ω are fp32, the rest in the parameters' dtype).
+# Address rows of a launch (θ*/Ω fp32 or lean, the rest in the parameters' dtype).
 _THETA, _GRAD, _STAR, _OMEGA = 0, 1, 2, 3
 _BUF = 4  # SGD: momentum buffer
 _EXP_AVG, _EXP_AVG_SQ, _MAX_SQ = 4, 5, 6  # Adam
 
 
 @triton.jit
-def _load_step(addrs, n_tensors, index, offs, mask, P_DTYPE: tl.constexpr, PENALTY: tl.constexpr):
-    """(θ, g, θ*, Ω, Σ-term) of the block in fp32 (θ*, Ω and the fp64 penalty term 0 without PENALTY)."""
+def _load_step(addrs, n_tensors, index, offs, mask, P_DTYPE: tl.constexpr, TS_DTYPE: tl.constexpr,
+               OM_DTYPE: tl.constexpr, PENALTY: tl.constexpr):
+    """(θ, g, θ*, Ω, Σ-term) of the block in fp32 (θ*, Ω and the fp64 penalty term 0 without PENALTY);
+    a lean θ* (θ's dtype) and Ω (bf16) widen on load."""
     theta = tl.load(_ptr(addrs, n_tensors, 0, index, P_DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(_ptr(addrs, n_tensors, 1, index, P_DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
     star = tl.zeros_like(theta)
     omega = tl.zeros_like(theta)
     term = tl.zeros_like(theta).to(tl.float64)
     if PENALTY:
-        star = tl.load(_ptr(addrs, n_tensors, 2, index, tl.float32) + offs, mask=mask, other=0.0)
-        omega = tl.load(_ptr(addrs, n_tensors, 3, index, tl.float32) + offs, mask=mask, other=0.0)
+        star = tl.load(_ptr(addrs, n_tensors, 2, index, TS_DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+        omega = tl.load(_ptr(addrs, n_tensors, 3, index, OM_DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
         diff = theta.to(tl.float64) - star.to(tl.float64)
         term = omega.to(tl.float64) * diff * diff
     return theta, g, star, omega, term
@@ -63,7 +65,8 @@ def _finish(stepped, star, omega, lr_two_lam, PENALTY: tl.constexpr, PROXIMAL: t
 @triton.jit
 def _sgd_kernel(addrs, numels, chunk_tensor, chunk_start, n_tensors, partial_ptr,
                 two_lam, lr, lr_two_lam, momentum, keep, weight_decay,
-                P_DTYPE: tl.constexpr, PENALTY: tl.constexpr, PROXIMAL: tl.constexpr, MOMENTUM: tl.constexpr,
+                P_DTYPE: tl.constexpr, TS_DTYPE: tl.constexpr, OM_DTYPE: tl.constexpr, PENALTY: tl.constexpr,
+                PROXIMAL: tl.constexpr, MOMENTUM: tl.constexpr,
                 INIT_BUFFERS: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                 WEIGHT_DECAY: tl.constexpr, INTERPRET: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Rows: θ, g, θ*, Ω, momentum buffer. torch.optim.SGD's foreach order (reference.sgd_step_)."""
@@ -74,7 +77,8 @@ def _sgd_kernel(addrs, numels, chunk_tensor, chunk_start, n_tensors, partial_ptr
     for o in range(start, end, BLOCK):
         offs = o + tl.arange(0, BLOCK)
         mask = offs < end
-        theta, g, star, omega, term = _load_step(addrs, n_tensors, index, offs, mask, P_DTYPE, PENALTY)
+        theta, g, star, omega, term = _load_step(addrs, n_tensors, index, offs, mask, P_DTYPE, TS_DTYPE,
+                                                 OM_DTYPE, PENALTY)
         acc += term
         g = _penalised(g, theta, star, omega, two_lam, PENALTY, PROXIMAL)
         if MAXIMIZE:
@@ -100,7 +104,8 @@ def _sgd_kernel(addrs, numels, chunk_tensor, chunk_start, n_tensors, partial_ptr
 @triton.jit
 def _adam_kernel(addrs, numels, chunk_tensor, chunk_start, n_tensors, partial_ptr,
                  two_lam, lr_two_lam, w1, beta2, w2, eps, weight_decay, decay, neg_step, bc2_sqrt,
-                 P_DTYPE: tl.constexpr, PENALTY: tl.constexpr, PROXIMAL: tl.constexpr, AMSGRAD: tl.constexpr,
+                 P_DTYPE: tl.constexpr, TS_DTYPE: tl.constexpr, OM_DTYPE: tl.constexpr, PENALTY: tl.constexpr,
+                 PROXIMAL: tl.constexpr, AMSGRAD: tl.constexpr,
                  MAXIMIZE: tl.constexpr, L2: tl.constexpr, DECOUPLED: tl.constexpr, SMALL_W1: tl.constexpr,
                  INTERPRET: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Rows: θ, g, θ*, Ω, exp_avg, exp_avg_sq, max_exp_avg_sq. torch.optim.Adam(W)'s foreach
@@ -114,7 +119,8 @@ def _adam_kernel(addrs, numels, chunk_tensor, chunk_start, n_tensors, partial_pt
     for o in range(start, end, BLOCK):
         offs = o + tl.arange(0, BLOCK)
         mask = offs < end
-        theta, g, star, omega, term = _load_step(addrs, n_tensors, index, offs, mask, P_DTYPE, PENALTY)
+        theta, g, star, omega, term = _load_step(addrs, n_tensors, index, offs, mask, P_DTYPE, TS_DTYPE,
+                                                 OM_DTYPE, PENALTY)
         acc += term
         g = _penalised(g, theta, star, omega, two_lam, PENALTY, PROXIMAL)
         if MAXIMIZE:
@@ -149,6 +155,7 @@ def _run(kernel, rows: list[list[Tensor]], penalty: bool, lam: float, scalars: t
     offset = 0
     for l in launches:
         kernel[(l.n_chunks,)](*l.args(), partial[offset:], *scalars, P_DTYPE=_TL_DTYPE[l.dtypes[0]],
+                              TS_DTYPE=_TL_DTYPE[l.dtypes[_STAR]], OM_DTYPE=_TL_DTYPE[l.dtypes[_OMEGA]],
                               PENALTY=penalty, INTERPRET=INTERPRET, CHUNK=CHUNK, BLOCK=CHUNK_BLOCK, **flags)
         offset += l.n_chunks
     return partial.sum() * lam
