@@ -34,12 +34,17 @@ def abs_matmul(delta: Tensor, x: Tensor) -> Tensor:
     return delta.to(dt).abs().t() @ x.to(dt).abs()
 
 
+# Samples per chunk of per-sample weight gradients: a temporary of at most this many copies of
+# the layer's weight, small next to the activations an ordinary backward holds.
+WEIGHT_COPIES = 4
+
+
 def per_sample_abs_matmul(delta: Tensor, x: Tensor) -> Tensor:
     """Σ_k |Σ_t δ_kgt x_kgtᵀ| for delta (B, G, T, O), x (B, G, T, I) → (G, O, I).
 
     The per-sample reduction over t (sequence positions, conv output pixels) happens
-    before the absolute value; samples are processed in chunks so that memory stays
-    O(c·G·O·I), never O(B·G·O·I). With one position (T = 1) each sample's product is rank
+    before the absolute value; samples are processed in chunks of WEIGHT_COPIES (fewer
+    where `chunk_elements` says so) so that memory stays O(c·G·O·I), never O(B·G·O·I). With one position (T = 1) each sample's product is rank
     one, |δ xᵀ| = |δ||x|ᵀ: one GEMM of absolute values per group.
     """
     B, G, T, O = delta.shape
@@ -48,7 +53,7 @@ def per_sample_abs_matmul(delta: Tensor, x: Tensor) -> Tensor:
     if T == 1:
         return delta[:, :, 0].to(dt).abs().permute(1, 2, 0) @ x[:, :, 0].to(dt).abs().transpose(0, 1)
     out = torch.zeros(G, O, I, dtype=dt, device=delta.device)
-    step = samples_per_chunk(G * O * I, B)
+    step = samples_per_chunk(G * O * I, min(B, WEIGHT_COPIES))
     for s in range(0, B, step):
         d = delta[s:s + step].to(dt)
         xx = x[s:s + step].to(dt)
@@ -90,6 +95,8 @@ def conv_abs_grad(
     cin_g = x.shape[1] // G
     L = delta.shape[2] * delta.shape[3]
     dt = acc_dtype(delta.dtype, x.dtype)
+    if cin_g == 1:
+        return _depthwise_abs_grad(delta, x.to(dt), (kh, kw), stride, padding, dilation, G).view(weight_shape)
     out = torch.zeros(G, Cout // G, cin_g * kh * kw, dtype=dt, device=delta.device)
     step = samples_per_chunk(x.shape[1] * kh * kw * L, B)  # per_sample_abs_matmul bounds its own
     for s in range(0, B, step):
@@ -101,6 +108,41 @@ def conv_abs_grad(
         d = delta[s:s + step].to(dt).reshape(c, G, Cout // G, L).transpose(-1, -2)  # (c, G, L, O)
         out += per_sample_abs_matmul(d, u)
     return out.reshape(weight_shape)
+
+
+def _depthwise_abs_grad(delta: Tensor, x: Tensor, kernel: tuple[int, int], stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """conv_abs_grad (→ (Cout, kh, kw)) of a convolution with one input channel per group (depthwise).
+
+    Its per-sample gradients (B, Cout, kh, kw) are smaller than its unfolded input (kh·kw
+    times the input), so they are computed directly, in chunks of samples: with few output
+    pixels (Ho·Wo ≤ kh·kw) as Σ over pixels of δ times the window of x the pixel saw; else as
+    one convolution of each sample's padded input channel with its δ as the kernel (stride and
+    dilation swap roles), cropped to the kernel's size.
+    """
+    B, Cout, Ho, Wo = delta.shape
+    kh, kw = kernel
+    (sh, sw), (dh, dw) = tuple(stride), tuple(dilation)
+    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    xp = xp.repeat_interleave(Cout // groups, 1) if Cout != groups else xp  # output channel → its input
+    Hp, Wp = xp.shape[2:]
+    d_all = delta.to(x.dtype)
+    out = torch.zeros(Cout, kh, kw, dtype=x.dtype, device=x.device)
+    step = samples_per_chunk(Cout * (kh * kw + Hp * Wp), B)
+    for s in range(0, B, step):
+        xs, d = xp[s:s + step], d_all[s:s + step]
+        c = xs.shape[0]
+        if Ho * Wo <= kh * kw:
+            g = torch.zeros(c, Cout, kh, kw, dtype=x.dtype, device=x.device)
+            for p in range(Ho):
+                for q in range(Wo):
+                    window = xs[:, :, p * sh:p * sh + dh * (kh - 1) + 1:dh, q * sw:q * sw + dw * (kw - 1) + 1:dw]
+                    g.addcmul_(window, d[:, :, p:p + 1, q:q + 1])
+        else:
+            g = F.conv2d(xs.reshape(1, c * Cout, Hp, Wp), d.reshape(c * Cout, 1, Ho, Wo), stride=(dh, dw),
+                         dilation=(sh, sw), groups=c * Cout)[0, :, :kh, :kw].reshape(c, Cout, kh, kw)
+        out += g.abs_().sum(0)
+    return out
 
 
 def embedding_abs_grad(
