@@ -1,7 +1,8 @@
 """Precision and memory policy shared by every backend and by the importance engine.
 
 - `acc_dtype`: the dtype Ω, θ* and importance sums are kept in (float32, float64 for float64).
-- `chunk_elements` / `samples_per_chunk`: the element budget that bounds per-sample temporaries.
+- `chunk_elements` / `samples_per_chunk`: the element budget that bounds per-sample temporaries;
+  `samples_per_weight_chunk`: chunks of per-sample weight gradients, a few weights at a time.
 """
 from __future__ import annotations
 
@@ -26,3 +27,14 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
 def samples_per_chunk(elements_per_sample: int, batch: int) -> int:
     """How many samples fit in one chunk without exceeding `chunk_elements()`."""
     return max(1, min(batch, chunk_elements() // max(1, elements_per_sample)))
+
+
+# Samples per chunk of per-sample weight gradients: a temporary of at most this many copies of
+# the layer's weight, small next to the activations an ordinary backward holds.
+WEIGHT_COPIES = 4
+
+
+def samples_per_weight_chunk(weight_elements: int, batch: int) -> int:
+    """Samples per chunk of per-sample gradients of `weight_elements` each: WEIGHT_COPIES
+    (fewer where `chunk_elements()` says so, at least one)."""
+    return samples_per_chunk(weight_elements, min(batch, WEIGHT_COPIES))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .optim_config import AdamConfig, SGDConfig
-from .policy import acc_dtype, samples_per_chunk
+from .policy import acc_dtype, samples_per_chunk, samples_per_weight_chunk
 
 Tensor = torch.Tensor
 
@@ -34,18 +34,14 @@ def abs_matmul(delta: Tensor, x: Tensor) -> Tensor:
     return delta.to(dt).abs().t() @ x.to(dt).abs()
 
 
-# Samples per chunk of per-sample weight gradients: a temporary of at most this many copies of
-# the layer's weight, small next to the activations an ordinary backward holds.
-WEIGHT_COPIES = 4
-
-
 def per_sample_abs_matmul(delta: Tensor, x: Tensor) -> Tensor:
     """Σ_k |Σ_t δ_kgt x_kgtᵀ| for delta (B, G, T, O), x (B, G, T, I) → (G, O, I).
 
     The per-sample reduction over t (sequence positions, conv output pixels) happens
-    before the absolute value; samples are processed in chunks of WEIGHT_COPIES (fewer
-    where `chunk_elements` says so) so that memory stays O(c·G·O·I), never O(B·G·O·I). With one position (T = 1) each sample's product is rank
-    one, |δ xᵀ| = |δ||x|ᵀ: one GEMM of absolute values per group.
+    before the absolute value; samples are processed in chunks of a few
+    (`samples_per_weight_chunk`) so that memory stays O(c·G·O·I), never O(B·G·O·I). With one
+    position (T = 1) each sample's product is rank one, |δ xᵀ| = |δ||x|ᵀ: one GEMM of absolute
+    values per group.
     """
     B, G, T, O = delta.shape
     I = x.shape[-1]
@@ -53,7 +49,7 @@ def per_sample_abs_matmul(delta: Tensor, x: Tensor) -> Tensor:
     if T == 1:
         return delta[:, :, 0].to(dt).abs().permute(1, 2, 0) @ x[:, :, 0].to(dt).abs().transpose(0, 1)
     out = torch.zeros(G, O, I, dtype=dt, device=delta.device)
-    step = samples_per_chunk(G * O * I, min(B, WEIGHT_COPIES))
+    step = samples_per_weight_chunk(G * O * I, B)
     for s in range(0, B, step):
         d = delta[s:s + step].to(dt)
         xx = x[s:s + step].to(dt)
