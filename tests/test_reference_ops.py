@@ -33,7 +33,8 @@ def test_per_sample_abs_sum():
     ((1, 1), (0, 0), (1, 1), 1, 8, (9, 8)), ((2, 1), (1, 2), (1, 2), 2, 8, (9, 8)),
     # depthwise (one input channel per group): many output pixels, then at most kh·kw of them
     ((1, 3), (2, 0), (2, 1), 4, 8, (9, 8)), ((1, 1), (1, 1), (1, 1), 4, 4, (9, 8)),
-    ((2, 1), (1, 0), (1, 2), 4, 8, (4, 5)), ((1, 1), (1, 1), (1, 1), 4, 4, (1, 1))])
+    ((2, 1), (1, 0), (1, 2), 4, 8, (4, 5)), ((1, 2), (2, 1), (2, 1), 4, 4, (2, 3)),
+    ((1, 1), (1, 1), (1, 1), 4, 4, (1, 1))])
 def test_conv_abs_grad(stride, padding, dilation, groups, cout, size):
     torch.manual_seed(0)
     B, cin = 3, 4

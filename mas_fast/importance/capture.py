@@ -50,22 +50,12 @@ class _Tap(torch.autograd.Function):
         return (None, None, *deltas)
 
 
-def _dense(t: Tensor) -> bool:
-    """True when `t`'s elements fill a block of memory exactly once (any dimension order)."""
-    expected = 1
-    for size, stride in sorted((sz, st) for sz, st in zip(t.shape, t.stride()) if sz > 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _covers_its_base(t: Tensor) -> bool:
-    """True when the view `t` is its whole (contiguous, non-leaf) base rearranged: a reshape or
-    permutation of every element, as a Linear on (B, T, in) returns its (B·T, out) product."""
+    """True when the view `t` is its whole (contiguous, non-leaf) base reshaped, as a Linear on
+    (B, T, in) returns its (B·T, out) product."""
     b = t._base
-    return (b.grad_fn is not None and b.is_contiguous() and t.numel() == b.numel() and t.dtype == b.dtype
-            and t.storage_offset() == b.storage_offset() and _dense(t))
+    return (b.grad_fn is not None and b.is_contiguous() and t.is_contiguous() and t.numel() == b.numel()
+            and t.dtype == b.dtype and t.storage_offset() == b.storage_offset())
 
 
 def _tap_target(t: Tensor, alias_views: bool, bases: set[int]) -> tuple[Tensor, bool]:
@@ -73,11 +63,12 @@ def _tap_target(t: Tensor, alias_views: bool, bases: set[int]) -> tuple[Tensor, 
 
     `t` itself when it is not a view. A view's history goes through its base (an in-place
     identity on the view becomes CopySlices, which loses the tap's edge to the anchor), so with
-    `alias_views` the tap goes on the base when the view covers it: the view's history is then
-    regenerated through the tap, and no copy exists. Otherwise a copy, as for a leaf (a module
-    returning its parameter), which cannot be modified in place. Aliasing is for layers whose
-    output's base no op saves for its backward (the ruled layers' GEMMs): a saved one would be
-    invalidated by the in-place tap.
+    `alias_views` the tap goes on the base when the view is the base reshaped, and the layer's
+    output becomes the same reshape of the tapped base: no copy exists. Otherwise a copy, as
+    for a leaf (a module returning its parameter), which cannot be modified in place. Aliasing
+    is for layers whose output's base no op saves for its backward: the single-output ruled
+    layers, whose known forward ends in a GEMM and a reshape. A saved base (attention's
+    weights, saved by its softmax) would be invalidated by the in-place tap.
     """
     if t.grad_fn is not None and not t._is_view():
         return t, False
@@ -87,14 +78,6 @@ def _tap_target(t: Tensor, alias_views: bool, bases: set[int]) -> tuple[Tensor, 
     return t.clone(), False
 
 
-def _as_view(delta: Optional[Tensor], view: Tensor) -> Optional[Tensor]:
-    """The gradient of a base, laid out as the view that covers it."""
-    if delta is None:
-        return None
-    delta = delta.contiguous()
-    return delta.as_strided(view.shape, view.stride(), delta.storage_offset())
-
-
 def _tapped(anchor: Tensor, receive: Callable[[tuple], None], outputs: list, alias_views: bool = False) -> list:
     """`outputs` with every tensor that requires grad threaded through one tap (see _tap_target)."""
     where = [i for i, t in enumerate(outputs) if isinstance(t, Tensor) and t.requires_grad]
@@ -102,14 +85,14 @@ def _tapped(anchor: Tensor, receive: Callable[[tuple], None], outputs: list, ali
         return outputs
     bases: set[int] = set()
     targets = [_tap_target(outputs[i], alias_views, bases) for i in where]
-    views = [outputs[i] if aliased else None for i, (_, aliased) in zip(where, targets)]
+    shapes = [outputs[i].shape if aliased else None for i, (_, aliased) in zip(where, targets)]
 
-    def deliver(deltas: tuple) -> None:
-        receive(where, tuple(d if v is None else _as_view(d, v) for d, v in zip(deltas, views)))
+    def deliver(deltas: tuple) -> None:  # a tapped base's gradient, shaped as the layer's output
+        receive(where, tuple(d if shape is None or d is None else d.reshape(shape) for d, shape in zip(deltas, shapes)))
 
     new = list(outputs)
-    for i, t, view in zip(where, _Tap.apply(anchor, deliver, *[t for t, _ in targets]), views):
-        new[i] = t if view is None else view  # the view's history now runs through the tapped base
+    for i, t, shape in zip(where, _Tap.apply(anchor, deliver, *[t for t, _ in targets]), shapes):
+        new[i] = t if shape is None else t.view(shape)
     return new
 
 
@@ -204,7 +187,8 @@ class Site:
                 self.on_output(self)
         if self.anchor is None:
             return None
-        new = _tapped(self.anchor, lambda _, deltas: self.deliver(deltas), list(outputs), alias_views=True)
+        new = _tapped(self.anchor, lambda _, deltas: self.deliver(deltas), list(outputs),
+                      alias_views=not self.needs_call)
         if not self.needs_call:
             self.y = None  # only attention's Δs are aligned with its outputs: a kept Y would pin its base
         return tuple(new) if self.needs_call and isinstance(output, tuple) else new[0]

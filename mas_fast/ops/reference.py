@@ -106,37 +106,50 @@ def conv_abs_grad(
     return out.reshape(weight_shape)
 
 
+def _window(out_pos: int, size: int, kernel: int, stride: int, dilation: int, pad: int) -> tuple[slice, slice]:
+    """(kernel taps, input positions) that output position `out_pos` of a zero-padded
+    convolution reads inside the input, along one axis (empty slices when none)."""
+    first = out_pos * stride - pad
+    lo = -(first // dilation) if first < 0 else 0  # ⌈-first / dilation⌉ taps fall in the padding
+    hi = min(kernel - 1, (size - 1 - first) // dilation)
+    if hi < lo:
+        return slice(0, 0), slice(0, 0)
+    start = first + lo * dilation
+    return slice(lo, hi + 1), slice(start, start + (hi - lo) * dilation + 1, dilation)
+
+
 def _depthwise_abs_grad(delta: Tensor, x: Tensor, kernel: tuple[int, int], stride: Sequence[int],
                         padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
     """conv_abs_grad (→ (Cout, kh, kw)) of a convolution with one input channel per group (depthwise).
 
     Its per-sample gradients (B, Cout, kh, kw) are smaller than its unfolded input (kh·kw
     times the input), so they are computed directly, in chunks of samples: with few output
-    pixels (Ho·Wo ≤ kh·kw) as Σ over pixels of δ times the window of x the pixel saw; else as
-    one convolution of each sample's padded input channel with its δ as the kernel (stride and
-    dilation swap roles), cropped to the kernel's size.
+    pixels (Ho·Wo ≤ kh·kw) as Σ over pixels of δ times the part of x the pixel saw; else as
+    one convolution of each sample's input channel with its δ as the kernel (stride and
+    dilation swap roles), cropped to the kernel's size. The padding is never materialised.
     """
     B, Cout, Ho, Wo = delta.shape
     kh, kw = kernel
-    (sh, sw), (dh, dw) = tuple(stride), tuple(dilation)
-    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    xp = xp.repeat_interleave(Cout // groups, 1) if Cout != groups else xp  # output channel → its input
-    Hp, Wp = xp.shape[2:]
+    H, W = x.shape[2:]
+    (sh, sw), (ph, pw), (dh, dw) = tuple(stride), tuple(padding), tuple(dilation)
     d_all = delta.to(x.dtype)
     out = torch.zeros(Cout, kh, kw, dtype=x.dtype, device=x.device)
-    step = samples_per_chunk(Cout * (kh * kw + Hp * Wp), B)
+    step = samples_per_chunk(Cout * (kh * kw + H * W), B)
     for s in range(0, B, step):
-        xs, d = xp[s:s + step], d_all[s:s + step]
+        xs, d = x[s:s + step], d_all[s:s + step]
+        xs = xs.repeat_interleave(Cout // groups, 1) if Cout != groups else xs  # output channel → its input
         c = xs.shape[0]
         if Ho * Wo <= kh * kw:
             g = torch.zeros(c, Cout, kh, kw, dtype=x.dtype, device=x.device)
             for p in range(Ho):
+                taps_h, rows = _window(p, H, kh, sh, dh, ph)
                 for q in range(Wo):
-                    window = xs[:, :, p * sh:p * sh + dh * (kh - 1) + 1:dh, q * sw:q * sw + dw * (kw - 1) + 1:dw]
-                    g.addcmul_(window, d[:, :, p:p + 1, q:q + 1])
+                    taps_w, cols = _window(q, W, kw, sw, dw, pw)
+                    g[:, :, taps_h, taps_w].addcmul_(xs[:, :, rows, cols], d[:, :, p:p + 1, q:q + 1])
         else:
-            g = F.conv2d(xs.reshape(1, c * Cout, Hp, Wp), d.reshape(c * Cout, 1, Ho, Wo), stride=(dh, dw),
-                         dilation=(sh, sw), groups=c * Cout)[0, :, :kh, :kw].reshape(c, Cout, kh, kw)
+            g = F.conv2d(xs.reshape(1, c * Cout, H, W), d.reshape(c * Cout, 1, Ho, Wo), stride=(dh, dw),
+                         padding=(ph, pw), dilation=(sh, sw), groups=c * Cout)[0, :, :kh, :kw]
+            g = g.reshape(c, Cout, kh, kw)
         out += g.abs_().sum(0)
     return out
 
