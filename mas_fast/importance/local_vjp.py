@@ -57,9 +57,8 @@ def _closed_form_calls(group: list[Site], calls: list[list], batch: int) -> Opti
     per-sample rule for all its parameters, on one batch-first tensor, with one output; else None."""
     out = []
     for site, site_calls in zip(group, calls):
-        hooks = site.module._forward_hooks, site.module._forward_pre_hooks  # ours: one forward hook
-        if len(hooks[0]) > 1 or hooks[1]:  # a user's hook may change what the layer computes
-            return None
+        if site.module._forward_hooks or site.module._forward_pre_hooks:  # (the capture's are removed by now)
+            return None  # a user's hook may change what the layer computes
         try:
             per_sample = getattr(rule_for(site.module), "per_sample", None)
         except ValueError:  # a layer whose per-sample importance is undefined: torch.func says why
