@@ -29,12 +29,16 @@ def samples_per_chunk(elements_per_sample: int, batch: int) -> int:
     return max(1, min(batch, chunk_elements() // max(1, elements_per_sample)))
 
 
-# Samples per chunk of per-sample weight gradients: a temporary of at most this many copies of
-# the layer's weight, small next to the activations an ordinary backward holds.
+# Chunks of per-sample weight gradients: a temporary of WEIGHT_COPIES copies of the layer's
+# weight, small next to the activations an ordinary backward holds, or of WEIGHT_CHUNK_FLOOR
+# elements (1 MiB of fp32) for small layers, whose batched GEMMs are slow on fewer samples.
 WEIGHT_COPIES = 4
+WEIGHT_CHUNK_FLOOR = 1 << 18
 
 
 def samples_per_weight_chunk(weight_elements: int, batch: int) -> int:
-    """Samples per chunk of per-sample gradients of `weight_elements` each: WEIGHT_COPIES
-    (fewer where `chunk_elements()` says so, at least one)."""
-    return samples_per_chunk(weight_elements, min(batch, WEIGHT_COPIES))
+    """Samples per chunk of per-sample gradients of `weight_elements` each: WEIGHT_COPIES, or
+    as many as fit in WEIGHT_CHUNK_FLOOR elements (fewer where `chunk_elements()` says so,
+    at least one)."""
+    samples = max(WEIGHT_COPIES, WEIGHT_CHUNK_FLOOR // max(1, weight_elements))
+    return samples_per_chunk(weight_elements, min(batch, samples))
