@@ -89,6 +89,17 @@ def test_layer_outputs_that_are_views_are_tapped_without_a_copy():
     assert "aten.clone.default" not in per_sample.ops
 
 
+def test_an_in_place_activation_after_a_tapped_view_keeps_the_layer_delta():
+    """ReLU(inplace=True) on a Linear's (B, T, out) output, a view of its tapped product: the
+    tap still receives the gradient of the layer's output, not of the activation's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double().eval()
+    x = torch.randn(6, 7, 4, dtype=torch.float64)
+    _, sums = steady_pass(model, x, "per_sample")
+    for n, e in oracle_per_sample(model, x).items():
+        assert_close(sums[n], e, torch.float64, n)
+
+
 @pytest.mark.parametrize("O,I", [(384, 384), (24, 16)])
 def test_per_sample_matmul_temporaries_are_a_few_weights(O, I):
     """Σ_k |Σ_t δ_kt x_ktᵀ| at T = 48 (the reference's batched GEMM): its largest temporary is
