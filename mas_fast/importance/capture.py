@@ -88,7 +88,8 @@ def _tapped(anchor: Tensor, receive: Callable[[tuple], None], outputs: list, ali
     shapes = [outputs[i].shape if aliased else None for i, (_, aliased) in zip(where, targets)]
 
     def deliver(deltas: tuple) -> None:  # a tapped base's gradient, shaped as the layer's output
-        receive(where, tuple(d if shape is None or d is None else d.reshape(shape) for d, shape in zip(deltas, shapes)))
+        receive(where, tuple(d if shape is None or d is None else d.reshape(shape)
+                             for d, shape in zip(deltas, shapes)))
 
     new = list(outputs)
     for i, t, shape in zip(where, _Tap.apply(anchor, deliver, *[t for t, _ in targets]), shapes):

@@ -10,9 +10,9 @@ their contributions for sample k are summed before the absolute value, so
 Σ_k |Σ_uses g_k| is exact without a B × P tensor. Children's parameters are constants.
 
 Where every call of the group is a layer with a per-sample rule (`rule.per_sample`: a tied
-embedding and output head, a Linear called twice) on one batch-first tensor, the per-sample
-gradients come from that closed form instead of torch.func: a few samples at a time, each
-sample's contributions summed before |·|, as above.
+embedding and output head) on one batch-first tensor, the per-sample gradients come from that
+closed form instead of torch.func: a few samples at a time, each sample's contributions summed
+before |·|, as above.
 """
 from __future__ import annotations
 

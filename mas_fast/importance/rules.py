@@ -78,7 +78,7 @@ def linear_signed(module: nn.Linear, x: Tensor, delta: Tensor, wanted: frozenset
 linear_rule.signed = linear_signed
 
 
-def _signed_bias_and_weight_per_sample(wanted: frozenset, d3: Tensor, weight_fn: Callable[[], Tensor]) -> dict:
+def _per_sample_bias_and_weight(wanted: frozenset, d3: Tensor, weight_fn: Callable[[], Tensor]) -> dict:
     """Per-sample twin of `_signed_bias_and_weight`: d3 is (c, T, C), one row of results per sample."""
     out = {}
     if "weight" in wanted:
@@ -94,7 +94,7 @@ def linear_per_sample(module: nn.Linear, x: Tensor, delta: Tensor, wanted: froze
     dt = acc_dtype(x.dtype, delta.dtype)
     c = x.shape[0]
     d3 = delta.reshape(c, -1, delta.shape[-1]).to(dt)
-    return _signed_bias_and_weight_per_sample(
+    return _per_sample_bias_and_weight(
         wanted, d3, lambda: d3.transpose(1, 2) @ x.reshape(c, -1, x.shape[-1]).to(dt))
 
 
