@@ -138,6 +138,57 @@ def test_tied_weights_sum_before_the_absolute_value():
     assert (separate["wte.weight"] + separate["lm_head.weight"] > sums["wte.weight"] + 1e-9).any()
 
 
+class TiedConv1D(nn.Module):
+    """Two HF Conv1D layers (GPT-2's y = x W + b) sharing their weight, on (B, T, d)."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.a, self.b = Conv1D(d, d), Conv1D(d, d)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("name", ["tied-lm", "tied-conv1d"])
+def test_shared_weights_of_ruled_layers_take_their_per_sample_forms(name, monkeypatch):
+    """A group of ruled layers (each called once, no hooks) sums the rules' per-sample
+    gradients before |·|: torch.func is not used."""
+    import mas_fast.importance.local_vjp as local_vjp
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.func per-sample gradients")
+
+    monkeypatch.setattr(local_vjp, "per_sample_grad_sum", refuse)
+    torch.manual_seed(0)
+    if name == "tied-lm":
+        model, x, shared = TiedLM().double(), torch.randint(0, 23, (B, 5)), "wte.weight"
+    else:
+        pytest.importorskip("transformers")
+        model, x, shared = TiedConv1D().double(), torch.randn(B, 5, 6, dtype=torch.float64), "a.weight"
+    sums, state = per_sample(model, x)
+    assert_oracle(model, x, sums)
+    assert state.coverage[shared] == "module-local"
+
+
+def test_a_hooked_shared_layer_does_not_take_the_per_sample_forms(monkeypatch):
+    """A user's hook may change what the layer computes: its rule's per-sample form does not
+    describe it (torch.func, then the whole model, serve the group)."""
+    import mas_fast.importance.local_vjp as local_vjp
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the rules' per-sample forms")
+
+    monkeypatch.setattr(local_vjp, "_closed_form_sums", refuse)
+    torch.manual_seed(0)
+    model, x = TiedLM().double(), torch.randint(0, 23, (B, 5))
+    model.lm_head.register_forward_hook(lambda m, args, out: out * out)
+    sums, _ = per_sample(model, x)
+    assert_oracle(model, x, sums)
+
+
 class ClsToken(nn.Module):
     """A container holding a parameter it uses itself (timm ViT's cls_token / pos_embed)."""
 

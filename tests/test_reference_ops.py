@@ -29,13 +29,17 @@ def test_per_sample_abs_sum():
     assert_close(ref.per_sample_abs_sum(d, s), (d * s).sum(1).abs().sum(0), D)
 
 
-@pytest.mark.parametrize("stride,padding,dilation,groups", [
-    ((1, 1), (0, 0), (1, 1), 1), ((2, 1), (1, 2), (1, 2), 2), ((1, 3), (2, 0), (2, 1), 4)])
-def test_conv_abs_grad(stride, padding, dilation, groups):
+@pytest.mark.parametrize("stride,padding,dilation,groups,cout,size", [
+    ((1, 1), (0, 0), (1, 1), 1, 8, (9, 8)), ((2, 1), (1, 2), (1, 2), 2, 8, (9, 8)),
+    # depthwise (one input channel per group): many output pixels, then at most kh·kw of them
+    ((1, 3), (2, 0), (2, 1), 4, 8, (9, 8)), ((1, 1), (1, 1), (1, 1), 4, 4, (9, 8)),
+    ((2, 1), (1, 0), (1, 2), 4, 8, (4, 5)), ((1, 2), (2, 1), (2, 1), 4, 4, (2, 3)),
+    ((1, 1), (1, 1), (1, 1), 4, 4, (1, 1))])
+def test_conv_abs_grad(stride, padding, dilation, groups, cout, size):
     torch.manual_seed(0)
-    B, cin, cout = 3, 4, 8
+    B, cin = 3, 4
     w = torch.randn(cout, cin // groups, 3, 2, dtype=D)
-    x = torch.randn(B, cin, 9, 8, dtype=D)
+    x = torch.randn(B, cin, *size, dtype=D)
     y = F.conv2d(x, w, None, stride, padding, dilation, groups)
     d = torch.randn_like(y)
     per = []

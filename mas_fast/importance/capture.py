@@ -50,22 +50,50 @@ class _Tap(torch.autograd.Function):
         return (None, None, *deltas)
 
 
-def _tappable(t: Tensor) -> Tensor:
-    """`t` itself, or a copy where an in-place identity cannot rewrite its history: a view's
-    history goes through its base (CopySlices, which loses the tap's edge to the anchor), and
-    a leaf (a module returning its parameter) cannot be modified in place."""
-    return t.clone() if t._is_view() or t.grad_fn is None else t
+def _covers_its_base(t: Tensor) -> bool:
+    """True when the view `t` is its whole (contiguous, non-leaf) base reshaped, as a Linear on
+    (B, T, in) returns its (B·T, out) product."""
+    b = t._base
+    return (b.grad_fn is not None and b.is_contiguous() and t.is_contiguous() and t.numel() == b.numel()
+            and t.dtype == b.dtype and t.storage_offset() == b.storage_offset())
 
 
-def _tapped(anchor: Tensor, receive: Callable[[tuple], None], outputs: list) -> list:
-    """`outputs` with every tensor that requires grad threaded through one tap."""
+def _tap_target(t: Tensor, alias_views: bool, bases: set[int]) -> tuple[Tensor, bool]:
+    """(the tensor to modify in place, whether it is the base of the view `t`).
+
+    `t` itself when it is not a view. A view's history goes through its base (an in-place
+    identity on the view becomes CopySlices, which loses the tap's edge to the anchor), so with
+    `alias_views` the tap goes on the base when the view is the base reshaped, and the layer's
+    output becomes the same reshape of the tapped base: no copy exists. Otherwise a copy, as
+    for a leaf (a module returning its parameter), which cannot be modified in place. Aliasing
+    is for layers whose output's base no op saves for its backward: the single-output ruled
+    layers, whose known forward ends in a GEMM and a reshape. A saved base (attention's
+    weights, saved by its softmax) would be invalidated by the in-place tap.
+    """
+    if t.grad_fn is not None and not t._is_view():
+        return t, False
+    if t._is_view() and alias_views and _covers_its_base(t) and id(t._base) not in bases:
+        bases.add(id(t._base))
+        return t._base, True
+    return t.clone(), False
+
+
+def _tapped(anchor: Tensor, receive: Callable[[tuple], None], outputs: list, alias_views: bool = False) -> list:
+    """`outputs` with every tensor that requires grad threaded through one tap (see _tap_target)."""
     where = [i for i, t in enumerate(outputs) if isinstance(t, Tensor) and t.requires_grad]
     if not where:
         return outputs
+    bases: set[int] = set()
+    targets = [_tap_target(outputs[i], alias_views, bases) for i in where]
+    shapes = [outputs[i].shape if aliased else None for i, (_, aliased) in zip(where, targets)]
+
+    def deliver(deltas: tuple) -> None:  # a tapped base's gradient, shaped as the layer's output
+        receive(where, tuple(d if shape is None or d is None else d.reshape(shape)
+                             for d, shape in zip(deltas, shapes)))
+
     new = list(outputs)
-    for i, t in zip(where, _Tap.apply(anchor, lambda deltas: receive(where, deltas),
-                                      *[_tappable(outputs[i]) for i in where])):
-        new[i] = t
+    for i, t, shape in zip(where, _Tap.apply(anchor, deliver, *[t for t, _ in targets]), shapes):
+        new[i] = t if shape is None else t.view(shape)
     return new
 
 
@@ -160,7 +188,10 @@ class Site:
                 self.on_output(self)
         if self.anchor is None:
             return None
-        new = _tapped(self.anchor, lambda _, deltas: self.deliver(deltas), list(outputs))
+        new = _tapped(self.anchor, lambda _, deltas: self.deliver(deltas), list(outputs),
+                      alias_views=not self.needs_call)
+        if not self.needs_call:
+            self.y = None  # only attention's Δs are aligned with its outputs: a kept Y would pin its base
         return tuple(new) if self.needs_call and isinstance(output, tuple) else new[0]
 
     def _broadcast(self, *tensors: Tensor) -> bool:

@@ -233,7 +233,9 @@ class _BatchPass:
                 continue
             delivered = [s for s in usable if any(d is not None for _, deltas in s.local_calls for d in deltas)]
             if delivered:
-                self.sums.update(group_sums(delivered, self.params, self.batch, self.signed))
+                demoted = any(self.state.levels.get(s.path) is not None for s in group)
+                self.sums.update(group_sums(delivered, self.params, self.batch,
+                                            self.signed if self.verifying else None, closed_form=not demoted))
             for s in delivered:
                 if self.state.levels.get(s.path) is None:  # demotions were reported when they happened
                     self.state.warn(s.path, s.module, "it holds a parameter shared with another module" if s.shared

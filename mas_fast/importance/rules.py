@@ -78,6 +78,30 @@ def linear_signed(module: nn.Linear, x: Tensor, delta: Tensor, wanted: frozenset
 linear_rule.signed = linear_signed
 
 
+def _per_sample_bias_and_weight(wanted: frozenset, d3: Tensor, weight_fn: Callable[[], Tensor]) -> dict:
+    """Per-sample twin of `_signed_bias_and_weight`: d3 is (c, T, C), one row of results per sample."""
+    out = {}
+    if "weight" in wanted:
+        out["weight"] = weight_fn()
+    if "bias" in wanted:
+        out["bias"] = d3.sum(1)
+    return out
+
+
+def linear_per_sample(module: nn.Linear, x: Tensor, delta: Tensor, wanted: frozenset) -> dict:
+    """Per-sample gradients g_k of a Linear's parameters, samples first: weight (c, out, in) =
+    Σ_t δ_kt x_ktᵀ, bias (c, out) = Σ_t δ_kt (a few samples at a time: c weights)."""
+    dt = acc_dtype(x.dtype, delta.dtype)
+    c = x.shape[0]
+    d3 = delta.reshape(c, -1, delta.shape[-1]).to(dt)
+    return _per_sample_bias_and_weight(
+        wanted, d3, lambda: d3.transpose(1, 2) @ x.reshape(c, -1, x.shape[-1]).to(dt))
+
+
+linear_per_sample.attrs = frozenset({"weight", "bias"})  # what it computes (weight_norm's g, v it does not)
+linear_rule.per_sample = linear_per_sample
+
+
 def _conv_geometry(module: nn.Module, x: Tensor):
     """Input padded as the convolution sees it, and the remaining symmetric zero padding."""
     nd = len(module.kernel_size)
@@ -232,6 +256,24 @@ def embedding_signed(module: nn.Embedding, x, delta, wanted, backend) -> dict:
 
 
 embedding_rule.signed = embedding_signed
+
+
+def embedding_per_sample(module: nn.Embedding, x: Tensor, delta: Tensor, wanted: frozenset) -> dict:
+    """Per-sample gradients of an Embedding's weight, (c, V, D): each sample's positions' δ
+    added into its own copy of the table (padding row 0)."""
+    c, V = x.shape[0], module.num_embeddings
+    dt = acc_dtype(delta.dtype)
+    idx = x.reshape(c, -1).long()
+    d = delta.reshape(idx.numel(), -1).to(dt)
+    if module.padding_idx is not None:
+        d = d * (idx.reshape(-1) != module.padding_idx % V).unsqueeze(1).to(dt)
+    rows = (idx + V * torch.arange(c, device=idx.device).unsqueeze(1)).reshape(-1)
+    out = torch.zeros(c * V, d.shape[1], dtype=dt, device=d.device)
+    return {"weight": out.index_add_(0, rows, d).view(c, V, -1)}
+
+
+embedding_per_sample.attrs = frozenset({"weight"})
+embedding_rule.per_sample = embedding_per_sample
 
 
 def _mha_arguments(module: nn.MultiheadAttention, call: tuple) -> dict:

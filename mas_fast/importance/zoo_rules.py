@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops.policy import acc_dtype
-from .rules import _affine, _batched, _bias_and_weight, layer_norm_rule
+from .rules import _affine, _batched, _bias_and_weight, _per_sample_bias_and_weight, layer_norm_rule
 
 Tensor = torch.Tensor
 
@@ -265,6 +265,19 @@ def _hf_conv1d_signed(module, x, delta, wanted, backend) -> dict:
 
 
 hf_conv1d_rule.signed = _hf_conv1d_signed
+
+
+def _hf_conv1d_per_sample(module, x, delta, wanted) -> dict:
+    """Per-sample gradients, samples first: weight (c, in, out) = Σ_t x_kt δ_ktᵀ, bias (c, out)."""
+    dt = acc_dtype(x.dtype, delta.dtype)
+    c = x.shape[0]
+    d3 = delta.reshape(c, -1, delta.shape[-1]).to(dt)
+    return _per_sample_bias_and_weight(
+        wanted, d3, lambda: x.reshape(c, -1, x.shape[-1]).to(dt).transpose(1, 2) @ d3)
+
+
+_hf_conv1d_per_sample.attrs = frozenset({"weight", "bias"})
+hf_conv1d_rule.per_sample = _hf_conv1d_per_sample
 hf_conv1d_rule.sample_dims = lambda m, x: range(x.dim() - 1)
 
 

@@ -4,7 +4,8 @@
 - `LEAN_OMEGA_DTYPE` / `state_dtypes_allowed`: the lean state (Ω in bfloat16, θ* in the
   parameter's dtype) every penalty and step kernel reads as it is, widening on load.
 - `penalty_dtype`: the dtype every backend returns a penalty value in.
-- `chunk_elements` / `samples_per_chunk`: the element budget that bounds per-sample temporaries.
+- `chunk_elements` / `samples_per_chunk`: the element budget that bounds per-sample temporaries;
+  `samples_per_weight_chunk`: chunks of per-sample weight gradients, a few weights at a time.
 """
 from __future__ import annotations
 
@@ -47,3 +48,18 @@ def penalty_dtype(theta_star: Sequence[torch.Tensor], omega: Sequence[torch.Tens
     """The dtype of a penalty value: float64 when θ*[0] or Ω[0] is, else float32 (also for the
     lean bfloat16 Ω)."""
     return acc_dtype(*(ts[0].dtype for ts in (theta_star, omega) if len(ts)))
+
+
+# Chunks of per-sample weight gradients: a temporary of WEIGHT_COPIES copies of the layer's
+# weight, small next to the activations an ordinary backward holds, or of WEIGHT_CHUNK_FLOOR
+# elements (1 MiB of fp32) for small layers, whose batched GEMMs are slow on fewer samples.
+WEIGHT_COPIES = 4
+WEIGHT_CHUNK_FLOOR = 1 << 18
+
+
+def samples_per_weight_chunk(weight_elements: int, batch: int) -> int:
+    """Samples per chunk of per-sample gradients of `weight_elements` each: WEIGHT_COPIES, or
+    as many as fit in WEIGHT_CHUNK_FLOOR elements (fewer where `chunk_elements()` says so,
+    at least one)."""
+    samples = max(WEIGHT_COPIES, WEIGHT_CHUNK_FLOOR // max(1, weight_elements))
+    return samples_per_chunk(weight_elements, min(batch, samples))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .optim_config import AdamConfig, SGDConfig
-from .policy import acc_dtype, penalty_dtype, samples_per_chunk
+from .policy import acc_dtype, penalty_dtype, samples_per_chunk, samples_per_weight_chunk
 
 Tensor = torch.Tensor
 
@@ -38,9 +38,10 @@ def per_sample_abs_matmul(delta: Tensor, x: Tensor) -> Tensor:
     """Σ_k |Σ_t δ_kgt x_kgtᵀ| for delta (B, G, T, O), x (B, G, T, I) → (G, O, I).
 
     The per-sample reduction over t (sequence positions, conv output pixels) happens
-    before the absolute value; samples are processed in chunks so that memory stays
-    O(c·G·O·I), never O(B·G·O·I). With one position (T = 1) each sample's product is rank
-    one, |δ xᵀ| = |δ||x|ᵀ: one GEMM of absolute values per group.
+    before the absolute value; samples are processed in chunks of a few
+    (`samples_per_weight_chunk`) so that memory stays O(c·G·O·I), never O(B·G·O·I). With one
+    position (T = 1) each sample's product is rank one, |δ xᵀ| = |δ||x|ᵀ: one GEMM of absolute
+    values per group.
     """
     B, G, T, O = delta.shape
     I = x.shape[-1]
@@ -48,7 +49,7 @@ def per_sample_abs_matmul(delta: Tensor, x: Tensor) -> Tensor:
     if T == 1:
         return delta[:, :, 0].to(dt).abs().permute(1, 2, 0) @ x[:, :, 0].to(dt).abs().transpose(0, 1)
     out = torch.zeros(G, O, I, dtype=dt, device=delta.device)
-    step = samples_per_chunk(G * O * I, B)
+    step = samples_per_weight_chunk(G * O * I, B)
     for s in range(0, B, step):
         d = delta[s:s + step].to(dt)
         xx = x[s:s + step].to(dt)
@@ -90,6 +91,8 @@ def conv_abs_grad(
     cin_g = x.shape[1] // G
     L = delta.shape[2] * delta.shape[3]
     dt = acc_dtype(delta.dtype, x.dtype)
+    if cin_g == 1:
+        return _depthwise_abs_grad(delta, x.to(dt), (kh, kw), stride, padding, dilation, G).view(weight_shape)
     out = torch.zeros(G, Cout // G, cin_g * kh * kw, dtype=dt, device=delta.device)
     step = samples_per_chunk(x.shape[1] * kh * kw * L, B)  # per_sample_abs_matmul bounds its own
     for s in range(0, B, step):
@@ -101,6 +104,54 @@ def conv_abs_grad(
         d = delta[s:s + step].to(dt).reshape(c, G, Cout // G, L).transpose(-1, -2)  # (c, G, L, O)
         out += per_sample_abs_matmul(d, u)
     return out.reshape(weight_shape)
+
+
+def _window(out_pos: int, size: int, kernel: int, stride: int, dilation: int, pad: int) -> tuple[slice, slice]:
+    """(kernel taps, input positions) that output position `out_pos` of a zero-padded
+    convolution reads inside the input, along one axis (empty slices when none)."""
+    first = out_pos * stride - pad
+    lo = -(first // dilation) if first < 0 else 0  # ⌈-first / dilation⌉ taps fall in the padding
+    hi = min(kernel - 1, (size - 1 - first) // dilation)
+    if hi < lo:
+        return slice(0, 0), slice(0, 0)
+    start = first + lo * dilation
+    return slice(lo, hi + 1), slice(start, start + (hi - lo) * dilation + 1, dilation)
+
+
+def _depthwise_abs_grad(delta: Tensor, x: Tensor, kernel: tuple[int, int], stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """conv_abs_grad (→ (Cout, kh, kw)) of a convolution with one input channel per group (depthwise).
+
+    Its per-sample gradients (B, Cout, kh, kw) are smaller than its unfolded input (kh·kw
+    times the input), so they are computed directly, in chunks of samples: with few output
+    pixels (Ho·Wo ≤ kh·kw) as Σ over pixels of δ times the part of x the pixel saw; else as
+    one convolution of each sample's input channel with its δ as the kernel (stride and
+    dilation swap roles), cropped to the kernel's size. The padding is never materialised.
+    """
+    B, Cout, Ho, Wo = delta.shape
+    kh, kw = kernel
+    H, W = x.shape[2:]
+    (sh, sw), (ph, pw), (dh, dw) = tuple(stride), tuple(padding), tuple(dilation)
+    d_all = delta.to(x.dtype)
+    out = torch.zeros(Cout, kh, kw, dtype=x.dtype, device=x.device)
+    step = samples_per_chunk(Cout * (kh * kw + H * W), B)
+    for s in range(0, B, step):
+        xs, d = x[s:s + step], d_all[s:s + step]
+        xs = xs.repeat_interleave(Cout // groups, 1) if Cout != groups else xs  # output channel → its input
+        c = xs.shape[0]
+        if Ho * Wo <= kh * kw:
+            g = torch.zeros(c, Cout, kh, kw, dtype=x.dtype, device=x.device)
+            for p in range(Ho):
+                taps_h, rows = _window(p, H, kh, sh, dh, ph)
+                for q in range(Wo):
+                    taps_w, cols = _window(q, W, kw, sw, dw, pw)
+                    g[:, :, taps_h, taps_w].addcmul_(xs[:, :, rows, cols], d[:, :, p:p + 1, q:q + 1])
+        else:
+            g = F.conv2d(xs.reshape(1, c * Cout, H, W), d.reshape(c * Cout, 1, Ho, Wo), stride=(dh, dw),
+                         padding=(ph, pw), dilation=(sh, sw), groups=c * Cout)[0, :, :kh, :kw]
+            g = g.reshape(c, Cout, kh, kw)
+        out += g.abs_().sum(0)
+    return out
 
 
 def embedding_abs_grad(
