@@ -21,12 +21,13 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .capture import Site, run_and_stream
+from .capture import Site, parameters_in_use, run_and_stream
 from .fallback import model_per_sample
 from .local_vjp import group_sums, groups
 from .proxies import Proxy, proxies_for, proxy_sums, substituted
 from .state import MODULE_LOCAL, RULE, WHOLE_MODEL, ImportanceState
 from .verify import mismatch, tolerance
+from .. import sharding
 
 Tensor = torch.Tensor
 
@@ -127,7 +128,11 @@ class _BatchPass:
         self.model, self.x, self.params, self.of_output = model, x, params, of_output
         self.backend, self.batch, self.state, self.verify = backend, batch, state, verify
         self.plain_objective = objective
-        self.proxies = proxies_for(sites, params, batch, state.proxy_ok, state.no_proxy, verify)
+        # Under FSDP2 the gathered parameters take the place of proxies (FSDP's pre-forward
+        # registers them over any stand-in): module-local sites only.
+        self.sharded = any(sharding.is_sharded(p) for p in params.values())
+        self.proxies = [] if self.sharded else proxies_for(sites, params, batch, state.proxy_ok, state.no_proxy, verify)
+        self.used = params                      # the tensors the forward used (FSDP2: gathered)
         self.checking = [p for p in self.proxies if p.checking]
         self.sites = [s for s in sites if s.params]  # containers whose parameters all have proxies
         self.sums: dict[str, Tensor] = {}
@@ -138,8 +143,14 @@ class _BatchPass:
         self.ruled: list[Site] = []             # sites their rule serves (captures go with the backward)
 
     def objective(self) -> Tensor:
-        with substituted(self.proxies):
+        with substituted(self.proxies), parameters_in_use(self.model, self.params) as self.used:
             return self.plain_objective()
+
+    def whole(self, names: list[str]) -> dict[str, Tensor]:
+        """The named parameters' values as the forward used them, outside FSDP2's gathering: a
+        shard is gathered (a collective each) and cast as FSDP cast it."""
+        return {n: sharding.full(self.params[n]).to(self.used[n].dtype) if sharding.is_sharded(self.params[n])
+                else self.used[n] for n in names}
 
     def apply_rule(self, site: Site, delta: Any) -> None:
         """The rule on the site's captured input and Δ (and its signed twin on a verified batch)."""
@@ -177,7 +188,7 @@ class _BatchPass:
         names = [n for s in sites if not (s.ruled or _usable_locally(s)) for n in s.params.values()]
         if self.verifying:
             names += [n for s in served for n in s.params.values()]
-        return {**{n: self.params[n] for n in dict.fromkeys(names)},
+        return {**{n: self.used[n] for n in dict.fromkeys(names)},
                 **{f"proxy {p.name}": p.tensor for p in self.proxies}}
 
     def run(self) -> dict[str, Tensor]:
@@ -201,9 +212,11 @@ class _BatchPass:
         for s in {id(s): s for s in used.values()}.values():
             if state.levels.get(s.path) != WHOLE_MODEL:  # a demotion was reported when it happened
                 state.warn(s.path, s.module, _whole_model_reason(s), WHOLE_MODEL)
-        if used:
-            self.sums.update(model_per_sample(self.model, self.x, {n: self.params[n] for n in used},
-                                              lambda out, _: self.of_output(out), self.batch))
+        if used:  # FSDP2: the whole model gathered for this moment (the fallback runs all of it per sample)
+            with sharding.model_unsharded(self.model):
+                live = dict(self.model.named_parameters())
+                self.sums.update(model_per_sample(self.model, self.x, {n: live[n] for n in used},
+                                                  lambda out, _: self.of_output(out), self.batch))
         coverage.update({n: WHOLE_MODEL for n in whole if n in used or n not in coverage})
         state.record_coverage(coverage)
         return self.sums
@@ -233,7 +246,8 @@ class _BatchPass:
                 continue
             delivered = [s for s in usable if any(d is not None for _, deltas in s.local_calls for d in deltas)]
             if delivered:
-                self.sums.update(group_sums(delivered, self.params, self.batch, self.signed))
+                values = self.whole([n for s in delivered for n in s.params.values()])
+                self.sums.update(group_sums(delivered, values, self.batch, self.signed))
             for s in delivered:
                 if self.state.levels.get(s.path) is None:  # demotions were reported when they happened
                     self.state.warn(s.path, s.module, "it holds a parameter shared with another module" if s.shared
