@@ -1,0 +1,221 @@
+"""The importance pass on FSDP2 models, rank by rank: FSDP gathers one group at a time, every batch
+is reduced into shard-sized running sums, and the ranks agree on failures. 2 gloo CPU ranks
+spawned once, against one process on the union of their data (float64: summation order only).
+
+The model has six `fully_shard` groups (four blocks, the head, the root's LayerNorm), so a pass
+that gathered the whole model would hold six groups at once; FSDP's own schedule holds the root,
+the running block and at most one prefetched block.
+"""
+import os
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from mas_fast import MAS
+from mas_fast.distributed import RankFailedError
+import spawn
+from tolerances import assert_close
+
+WORLD = 2
+BLOCKS = 4
+GROUPS = BLOCKS + 2
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available")
+
+
+def make_model(rescaled=False):
+    """Blocks of Linear + Tanh, a LayerNorm and a head; `rescaled`: a forward hook doubles the output
+    of block 1's Linear, which its rule does not describe (verification must demote it)."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(7, 7), nn.Tanh()) for _ in range(BLOCKS)]
+    model = nn.Sequential(*blocks, nn.LayerNorm(7), nn.Linear(7, 3)).double()
+    if rescaled:
+        model[1][0].register_forward_hook(lambda m, args, out: 2 * out)
+    return model
+
+
+def shard(model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for i in (*range(BLOCKS), BLOCKS + 1):
+        fully_shard(model[i], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def data(rank):
+    """Batches per rank (rank 0: 3 + 4 samples, rank 1: 2); rank=None: every rank's, in turn."""
+    x = torch.randn(9, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    spans = {0: [(0, 3), (3, 7)], 1: [(7, 9)]}
+    ranks = range(WORLD) if rank is None else [rank]
+    return [x[a:b] for r in ranks for a, b in spans[r]]
+
+
+def whole(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gathered_groups(model):
+    """Installs observers on every module (forward, and backward through its output); returns a
+    list whose max is the largest number of FSDP groups gathered at once (a group is gathered
+    while its modules hold plain tensors instead of DTensor shards)."""
+    holders = [model[i][0] for i in range(BLOCKS)] + [model[BLOCKS], model[BLOCKS + 1]]  # one per group
+    seen = [0]
+
+    def count(*_):
+        seen.append(sum(not hasattr(m.weight, "device_mesh") for m in holders))
+
+    def in_backward(module, args, out):
+        if out.requires_grad:
+            out.register_hook(count)
+
+    for m in model.modules():
+        m.register_forward_pre_hook(count)
+        m.register_forward_hook(in_backward)
+    return seen
+
+
+class BrokenLoader:
+    """Yields one batch, then raises (a failing data pipeline)."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __iter__(self):
+        yield self.x
+        raise RuntimeError("rank 1's loader broke")
+
+
+def failures(rank):
+    """consolidate / accumulate where rank 1 fails: each rank's error and whether its running task
+    and importance are unchanged."""
+    nan = data(rank)[0].clone()
+    nan[0, 1] = float("nan")
+    cases = {"loader": lambda mas: mas.consolidate(BrokenLoader(data(rank)[0]) if rank else data(rank), progress=False),
+             "nonfinite": lambda mas: mas.consolidate([nan] if rank else data(rank), progress=False),
+             "accumulate": lambda mas: mas.accumulate(nan if rank else data(rank)[0])}
+    out = {}
+    for case, call in cases.items():
+        mas = MAS(shard(make_model()))
+        mas.accumulate(data(rank)[-1])
+        before = {n: whole(t).clone() for n, t in mas.task_importance.items()}, mas.samples_seen
+        try:
+            call(mas)
+            out[case] = {"error": None}
+        except Exception as exc:
+            out[case] = {"error": type(exc).__name__, "message": str(exc)}
+        after = {n: whole(t) for n, t in mas.task_importance.items()}
+        out[case]["unchanged"] = not mas.importance and mas.samples_seen == before[1] and \
+            all(torch.equal(after[n], t) for n, t in before[0].items())
+    return out
+
+
+def scenario(rank=None):
+    """rank=None: one process on the union of the ranks' data."""
+    mine = data(rank)
+    wrap = (lambda m: m) if rank is None else shard
+    out = {}
+    for mode in ("per_sample", "batch", "local"):
+        model = wrap(make_model())
+        seen = gathered_groups(model)
+        mas = MAS(model, mode=mode)
+        mas.consolidate(mine, progress=False)
+        out[mode] = {n: whole(t) for n, t in mas.importance.items()}
+        out[f"{mode} gathered"] = max(seen)
+    # a rank without samples takes part with a stand-in batch that counts nothing
+    mas = MAS(wrap(make_model()))
+    mas.consolidate(data(0) if rank in (None, 0) else [], progress=False)
+    out["rank 1 empty"] = {n: whole(t) for n, t in mas.importance.items()}
+    # verification against autograd's gradient of the gathered parameters: the rescaled Linear is
+    # demoted on every rank, the others keep their rules
+    with pytest.warns(UserWarning, match="failed verification"):
+        mas = MAS(wrap(make_model(rescaled=True)))
+        mas.consolidate(mine, progress=False)
+    out["rescaled"] = {n: whole(t) for n, t in mas.importance.items()}
+    out["coverage"] = mas.coverage()
+    # a running task (accumulate is a collective: one call per rank, each with its own batch):
+    # shard-sized sums; the whole task in the state dict
+    mas = MAS(wrap(make_model()))
+    for r in range(WORLD) if rank is None else [rank]:
+        mas.accumulate(torch.cat(data(r)))
+    out["task"] = {k: {n: whole(t) for n, t in v.items()} if isinstance(v, dict) else v
+                   for k, v in mas.state_dict(full_state_dict=True).items()}
+    out["task bytes"] = mas.memory_bytes()["task"]
+    if rank is not None:
+        out["failures"] = failures(rank)
+    return out
+
+
+def _worker(rank, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
+                            world_size=WORLD, timeout=timedelta(seconds=60))
+    try:
+        torch.save(scenario(rank), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("fsdp_pass")
+    return spawn.run_ranks(_worker, (str(out_dir),), WORLD, out_dir)
+
+
+@pytest.fixture(scope="module")
+def single():
+    return scenario()
+
+
+def assert_same(actual, expected, what):
+    assert actual.keys() == expected.keys(), what
+    for n, t in expected.items():
+        assert_close(actual[n], t, torch.float64, f"{what}[{n}]")
+
+
+@pytest.mark.parametrize("mode", ["per_sample", "batch", "local"])
+def test_the_pass_gathers_a_few_groups_at_a_time(ranks, single, mode):
+    for rank in ranks:
+        assert_same(rank[mode], single[mode], mode)
+        assert 1 <= rank[f"{mode} gathered"] <= 3 < GROUPS, rank[f"{mode} gathered"]
+
+
+def test_a_rank_without_samples_counts_nothing(ranks, single):
+    for rank in ranks:
+        assert_same(rank["rank 1 empty"], single["rank 1 empty"], "rank 1 empty")
+
+
+def test_verification_compares_each_rank_with_the_gathered_gradient(ranks, single):
+    for rank in ranks:
+        assert_same(rank["rescaled"], single["rescaled"], "rescaled")
+        assert rank["coverage"] == single["coverage"]
+        assert rank["coverage"]["1.0.weight"] == "module-local"
+        assert rank["coverage"]["0.0.weight"] == rank["coverage"]["5.weight"] == "rule"
+
+
+def test_running_task_is_shard_sized_and_saved_whole(ranks, single):
+    parameters = sum(t.numel() for t in single["task"]["task_mean"].values())
+    for rank in ranks:
+        assert rank["task"]["task_count"] == single["task"]["task_count"] == 9
+        for group in ("task_mean", "task_compensation"):
+            assert_same(rank["task"][group], single["task"][group], group)
+        # fp64 mean and compensation, each rank at most one padded row per tensor above 1/world
+        assert rank["task bytes"] <= 16 * (parameters / WORLD + 7 * len(single["task"]["task_mean"]))
+    assert sum(rank["task bytes"] for rank in ranks) == single["task bytes"]
+
+
+@pytest.mark.parametrize("case, own_error, own_message", [
+    ("loader", "RuntimeError", "rank 1's loader broke"), ("nonfinite", "NonFiniteError", "NaN or Inf"),
+    ("accumulate", "NonFiniteError", "NaN or Inf")])
+def test_a_failing_rank_makes_every_rank_raise_and_nothing_change(ranks, case, own_error, own_message):
+    other, failing = (rank["failures"][case] for rank in ranks)
+    assert failing["error"] == own_error and own_message in failing["message"], failing
+    assert other["error"] == RankFailedError.__name__, other
+    if case != "accumulate":
+        assert f"rank 1: {own_error}: {failing['message']}" in other["message"]
+    assert other["unchanged"] and failing["unchanged"]
