@@ -104,39 +104,26 @@ def functional_call(module: nn.Module, params: Mapping[str, Tensor], args: Any, 
 
 @contextmanager
 def model_unsharded(model: nn.Module) -> Iterator[None]:
-    """Every `fully_shard` module of `model` unsharded and kept so through forwards and backwards;
-    resharded, with FSDP's reshard settings restored, on exit. Only for the whole-model torch.func
-    fallback, which differentiates the whole model per sample: FSDP's hooks run inside that
-    transform, so its reshard is made a no-op meanwhile (a module called again inside its own
-    forward ends its inner call IDLE, and the outer post-forward would reshard). A no-op for a
-    model without FSDP2 modules."""
+    """Every `fully_shard` module of `model` gathered, and kept so through the forwards and
+    backwards run meanwhile (FSDP's own hooks run inside them); resharded, FSDP's reshard settings
+    restored, on exit. Only for the whole-model torch.func fallback, which differentiates the
+    whole model per sample. A no-op for a model without FSDP2 modules."""
     modules = fsdp2_modules(model)
-    if not modules:
-        yield
-        return
-    groups = [g for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]
-    saved = [(g.post_forward_mesh_info, g.reshard_after_backward) for g in groups]
-    auto = [m._get_fsdp_state()._auto_reshard_after_forward for m in modules]
+    # the settings have setters but no getters: read from FSDP's parameter groups
+    saved = [[(g.post_forward_mesh_info is not None, g.reshard_after_backward)
+              for g in m._get_fsdp_state()._fsdp_param_groups] for m in modules]
     try:
         for m in modules:
             m.set_reshard_after_forward(False, recurse=False)
             m.set_reshard_after_backward(False, recurse=False)
             m.unshard()
-        for g in groups:
-            g.reshard = _keep_unsharded
         yield
     finally:
-        for g, (post_forward, after_backward) in zip(groups, saved):
-            vars(g).pop("reshard", None)
-            g.post_forward_mesh_info, g.reshard_after_backward = post_forward, after_backward
-        for m, was_auto in zip(modules, auto):
-            m._get_fsdp_state()._auto_reshard_after_forward = was_auto
-        for g in groups:  # not `m.reshard()`: a group last used in a forward counts as mid-forward
-            g._to_sharded()
-
-
-def _keep_unsharded() -> None:
-    """FSDP2 `FSDPParamGroup.reshard` while `model_unsharded` holds the model: nothing."""
+        for m, settings in zip(modules, saved):
+            for after_forward, after_backward in settings[:1]:  # one group per fully_shard call
+                m.set_reshard_after_forward(after_forward, recurse=False)
+                m.set_reshard_after_backward(after_backward, recurse=False)
+            m.reshard()
 
 
 def shard_like(full: Tensor, param: Tensor) -> Tensor:
@@ -164,8 +151,8 @@ def full(t: Tensor) -> Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
-# Per rank, at most this many elements go into one reduce-scatter of importance sums: few
-# collectives per batch, and an extra buffer of bounded size (64 MiB of float32).
+# At most this many elements (whole-size, padded) go into one reduce-scatter or all-reduce of
+# importance sums: few collectives per batch, and a send buffer of bounded size (64 MiB of float32).
 BUCKET_ELEMENTS = 1 << 24
 
 
@@ -197,9 +184,10 @@ def _buckets(names: Sequence[str], sums: Mapping[str, Tensor], size: Callable[[s
     return out
 
 
-def _reduce_scatter(names: list[str], sums: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _reduce_scatter(names: list[str], sums: dict[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Σ over ranks of `sums` of parameters sharded by FSDP2 on one mesh, this rank's rows of
-    each as a DTensor like its parameter: one reduce-scatter of FSDP's padded layout."""
+    each as a DTensor like its parameter: one reduce-scatter of FSDP's padded layout. Each
+    whole sum leaves `sums` once copied into the send buffer."""
     from torch.distributed.tensor import DTensor
 
     mesh = params[names[0]].device_mesh
@@ -209,7 +197,7 @@ def _reduce_scatter(names: list[str], sums: Mapping[str, Tensor], params: Mappin
     send = torch.zeros(world, sum(per_rank.values()), dtype=first.dtype, device=first.device)
     offset = 0
     for n in names:
-        flat = sums[n].reshape(-1)
+        flat = sums.pop(n).reshape(-1)
         for r in range(world):  # rank r's rows, then zeros up to the padded shard's size
             piece = flat[r * per_rank[n]:(r + 1) * per_rank[n]]
             send[r, offset:offset + piece.numel()] = piece
@@ -228,26 +216,28 @@ def _reduce_scatter(names: list[str], sums: Mapping[str, Tensor], params: Mappin
     return out
 
 
-def reduced_to_shards(sums: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def reduced_to_shards(sums: dict[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Collective: Σ over ranks of every rank's whole-size `sums` (one per name of `params`, the
     same names on every rank), each kept as this rank's part: a DTensor sharded like its
-    parameter, or the whole sum for a parameter that is not sharded.
+    parameter, or the whole sum for a parameter that is not sharded. Empties `sums` as it goes
+    (each whole sum is freed once sent).
 
     Parameters in FSDP2's layout go through reduce-scatters (as FSDP reduces gradients), in
-    buckets of at most BUCKET_ELEMENTS per rank; the others (replicated parameters, other
-    placements) through all-reduces of flat buffers, then each rank keeps its part."""
+    buckets of at most BUCKET_ELEMENTS; the others (replicated parameters, other placements)
+    through all-reduces of flat buffers, then each rank keeps its part."""
     names = sorted(params)
     scatter = [n for n in names if _scatterable(params[n])]
+    shapes = {n: sums[n].shape for n in names}
     out: dict[str, Tensor] = {}
-    for bucket in _buckets(scatter, sums, lambda n: _rows_per_rank(params[n]) * (sums[n].numel() //
-                                                                                 max(sums[n].shape[0], 1))):
+    for bucket in _buckets(scatter, sums, lambda n: _rows_per_rank(params[n]) * params[n].device_mesh.size() *
+                           (sums[n].numel() // max(sums[n].shape[0], 1))):
         out.update(_reduce_scatter(bucket, sums, params))
     rest = [n for n in names if n not in out]
     for bucket in _buckets(rest, sums, lambda n: sums[n].numel()):
-        flat = torch.cat([sums[n].reshape(-1) for n in bucket])
+        flat = torch.cat([sums.pop(n).reshape(-1) for n in bucket])
         dist.all_reduce(flat)
-        for n, piece in zip(bucket, flat.split([sums[n].numel() for n in bucket])):
-            out[n] = shard_like(piece.view(sums[n].shape), params[n])
+        for n, piece in zip(bucket, flat.split([shapes[n].numel() for n in bucket])):
+            out[n] = shard_like(piece.view(shapes[n]), params[n])
     return out
 
 

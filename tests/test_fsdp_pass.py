@@ -27,11 +27,20 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with the gloo backend is not available")
 
 
-def make_model(rescaled=False):
+class Shortcut(nn.Sequential):
+    """Linear + Tanh, plus a second use of the Linear's weight outside the Linear's forward: only
+    the whole-model path describes it."""
+
+    def forward(self, x):
+        return super().forward(x) + x @ self[0].weight.t()
+
+
+def make_model(rescaled=False, borrowed=False):
     """Blocks of Linear + Tanh, a LayerNorm and a head; `rescaled`: a forward hook doubles the output
-    of block 1's Linear, which its rule does not describe (verification must demote it)."""
+    of block 1's Linear, which its rule does not describe (verification must demote it);
+    `borrowed`: block 2 uses its Linear's weight outside the Linear (the whole-model fallback)."""
     torch.manual_seed(0)
-    blocks = [nn.Sequential(nn.Linear(7, 7), nn.Tanh()) for _ in range(BLOCKS)]
+    blocks = [(Shortcut if borrowed and i == 2 else nn.Sequential)(nn.Linear(7, 7), nn.Tanh()) for i in range(BLOCKS)]
     model = nn.Sequential(*blocks, nn.LayerNorm(7), nn.Linear(7, 3)).double()
     if rescaled:
         model[1][0].register_forward_hook(lambda m, args, out: 2 * out)
@@ -139,6 +148,12 @@ def scenario(rank=None):
         mas.consolidate(mine, progress=False)
     out["rescaled"] = {n: whole(t) for n, t in mas.importance.items()}
     out["coverage"] = mas.coverage()
+    # the whole-model fallback gathers the whole model for its moment
+    with pytest.warns(UserWarning, match="whole-model"):
+        mas = MAS(wrap(make_model(borrowed=True)))
+        mas.consolidate(mine, progress=False)
+    out["borrowed"] = {n: whole(t) for n, t in mas.importance.items()}
+    out["borrowed coverage"] = mas.coverage()
     # a running task (accumulate is a collective: one call per rank, each with its own batch):
     # shard-sized sums; the whole task in the state dict
     mas = MAS(wrap(make_model()))
@@ -196,6 +211,13 @@ def test_verification_compares_each_rank_with_the_gathered_gradient(ranks, singl
         assert rank["coverage"] == single["coverage"]
         assert rank["coverage"]["1.0.weight"] == "module-local"
         assert rank["coverage"]["0.0.weight"] == rank["coverage"]["5.weight"] == "rule"
+
+
+def test_whole_model_fallback_under_fsdp(ranks, single):
+    for rank in ranks:
+        assert_same(rank["borrowed"], single["borrowed"], "borrowed")
+        assert rank["borrowed coverage"] == single["borrowed coverage"]
+        assert rank["borrowed coverage"]["2.0.weight"] == "whole-model"
 
 
 def test_running_task_is_shard_sized_and_saved_whole(ranks, single):
