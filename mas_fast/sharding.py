@@ -4,10 +4,13 @@
   placements: a rank stores its shard only (~1/world of the state), the kernels work on the
   local shards (`local`), and `torch.distributed.checkpoint` saves and reloads them at any
   world size like the model's own parameters.
-- An importance pass runs with the model unsharded (`unsharded`): every rule, the verification
-  against autograd and the module-local paths see plain full parameters, exactly as on one
-  process. The task's running sums are full-size on each rank until `consolidate()`, which
-  all-reduces them (as for DDP) and keeps this rank's shard (`shard_like`).
+- An importance pass lets FSDP gather one group at a time through its own hooks; the capture
+  records the gathered parameters the forward used (importance.capture.parameters_in_use). A
+  module-local path gathers only its module's parameters (`whole_parameters`) and calls a
+  `fully_shard` module without FSDP's hooks (`functional_call`); the whole-model fallback
+  gathers the whole model for its moment (`model_unsharded`).
+- Each batch's whole-size sums are reduce-scattered over the ranks (`reduced_to_shards`), so
+  the running task holds shards; the ranks run the pass in step (`exchange`, `broadcast_input`).
 - The penalty is local per shard plus one scalar all-reduce (`sum_over_ranks`), whose
   backward passes the gradient through unchanged: each rank's shard gets 2λΩ(θ−θ*) once.
 - FSDP1 (`FullyShardedDataParallel`, flat parameters) and DTensors that FSDP2 does not manage
