@@ -8,7 +8,7 @@ per block and at the root, then measure on every rank:
 - the peak resident memory added by the importance pass (`consolidate` over 2 batches of
   2×32 tokens) and by one training step with the penalty (`loss + mas.penalty()`, backward,
   AdamW step), each above the resident memory just before it (Linux peak-RSS reset through
-  /proc/self/clear_refs).
+  /proc/self/clear_refs; glibc's mmap threshold fixed, see `measure`).
 Sizes in MiB; the largest rank is reported. Results: benchmarks/results/memory/<device>.json.
 
     python benchmarks/bench_memory.py            # or: pytest benchmarks/bench_memory.py
@@ -108,7 +108,11 @@ def _free_port() -> int:
 
 
 def measure(world: int) -> list[dict]:
-    """Every rank's row at `world` ranks."""
+    """Every rank's row at `world` ranks. The ranks run with glibc's mmap threshold fixed at
+    64 KiB: every larger block is mapped and unmapped on its own, so resident memory follows
+    the live tensors (with the default adaptive threshold, freed blocks of up to 32 MiB stay in
+    the heap and peak RSS overstates the live peak by hundreds of MiB)."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by each spawned rank's C library at start
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(_rank, args=(world, _free_port(), out), nprocs=world, start_method="spawn")
         return [json.load(open(os.path.join(out, f"{world}-{r}.json"))) for r in range(world)]
