@@ -105,6 +105,13 @@ def functional_call(module: nn.Module, params: Mapping[str, Tensor], args: Any, 
                                       args, kwargs)
 
 
+def _reshard_settings(module: nn.Module) -> Optional[tuple[bool, bool]]:
+    """(reshard after forward, reshard after backward) of a `fully_shard` module (None without
+    parameters): FSDP has setters for them but no getters, so they are read from its group."""
+    groups = module._get_fsdp_state()._fsdp_param_groups
+    return (groups[0].post_forward_mesh_info is not None, groups[0].reshard_after_backward) if groups else None
+
+
 @contextmanager
 def model_unsharded(model: nn.Module) -> Iterator[None]:
     """Every `fully_shard` module of `model` gathered, and kept so through the forwards and
@@ -112,9 +119,7 @@ def model_unsharded(model: nn.Module) -> Iterator[None]:
     restored, on exit. Only for the whole-model torch.func fallback, which differentiates the
     whole model per sample. A no-op for a model without FSDP2 modules."""
     modules = fsdp2_modules(model)
-    # the settings have setters but no getters: read from FSDP's parameter groups
-    saved = [[(g.post_forward_mesh_info is not None, g.reshard_after_backward)
-              for g in m._get_fsdp_state()._fsdp_param_groups] for m in modules]
+    saved = [_reshard_settings(m) for m in modules]
     try:
         for m in modules:
             m.set_reshard_after_forward(False, recurse=False)
@@ -123,9 +128,9 @@ def model_unsharded(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for m, settings in zip(modules, saved):
-            for after_forward, after_backward in settings[:1]:  # one group per fully_shard call
-                m.set_reshard_after_forward(after_forward, recurse=False)
-                m.set_reshard_after_backward(after_backward, recurse=False)
+            if settings is not None:
+                m.set_reshard_after_forward(settings[0], recurse=False)
+                m.set_reshard_after_backward(settings[1], recurse=False)
             m.reshard()
 
 
