@@ -362,7 +362,7 @@ class MAS:
     def _lockstep(self) -> bool:
         """True when importance passes run in step on every rank, each batch reduced over ranks into
         each rank's shard of the running task: an FSDP2 model under several ranks, sync=True."""
-        return self.sync and distributed.active() and any(sharding.is_sharded(p) for p in self.model.parameters())
+        return self.sync and distributed.active() and bool(sharding.fsdp2_modules(self.model))
 
     def _lockstep_step(self, task: _TaskImportance, x: Any, engine: ImportanceState, real: bool) -> Optional[int]:
         """One step of a lockstep pass: this rank's batch `x` (a stand-in when not `real`: its
@@ -727,8 +727,8 @@ class MAS:
         }
 
     def state_dict_template(self, stored_keys: Iterable[str], prefix: str = "") -> dict[str, Any]:
-        """A `state_dict()`-shaped target for `torch.distributed.checkpoint.load`: zero tensors,
-        Ω and θ* sharded like this model's parameters, for the entries a checkpoint holds.
+        """A `state_dict()`-shaped target for `torch.distributed.checkpoint.load`: zero tensors
+        sharded like this model's parameters, for the entries a checkpoint holds.
 
         `stored_keys`: the checkpoint's flattened keys, e.g.
         `FileSystemReader(path).read_metadata().state_dict_metadata`; `prefix`: where the MAS
@@ -749,8 +749,7 @@ class MAS:
                     dtype = {"omega": self._omega_dtype(p), "theta_star": self._theta_dtype(p)}.get(
                         group, acc_dtype(p.dtype))
                     zeros = torch.zeros(p.shape, dtype=dtype, device=p.device)
-                    template[group][n] = sharding.shard_like(zeros, p) if group in ("omega", "theta_star") \
-                        else zeros
+                    template[group][n] = sharding.shard_like(zeros, p)
         return template
 
     def memory_bytes(self) -> dict[str, int]:
