@@ -7,6 +7,7 @@ that gathered the whole model would hold six groups at once; FSDP's own schedule
 the running block and at most one prefetched block.
 """
 import os
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -33,6 +34,35 @@ class Shortcut(nn.Sequential):
 
     def forward(self, x):
         return super().forward(x) + x @ self[0].weight.t()
+
+
+class Tokens(nn.Module):
+    """Linear layers over (B, T, D), reduced over T: a batch with T == B is ambiguous (which
+    dimension holds the samples?) and is computed again as two sub-batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(x))).mean(1)
+
+
+def tokens(rank):
+    """Rank 0: 3 samples of 3 positions (ambiguous); rank 1: a single sample, which it splits in
+    step with rank 0 (the second half a stand-in that counts nothing)."""
+    x = torch.randn(4, 3, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    return [x[:3], x[3:]] if rank is None else [x[:3] if rank == 0 else x[3:]]
+
+
+def shard_tokens(model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in (model.proj, model.head):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def make_model(rescaled=False, borrowed=False):
@@ -148,6 +178,19 @@ def scenario(rank=None):
         mas.consolidate(mine, progress=False)
     out["rescaled"] = {n: whole(t) for n, t in mas.importance.items()}
     out["coverage"] = mas.coverage()
+    if rank is not None:  # only rank 1's rule fails verification: every rank demotes it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mas = MAS(wrap(make_model(rescaled=rank == 1)))
+            mas.consolidate(mine, progress=False)
+        out["one rank demotes"] = mas.coverage()
+    # a batch with ambiguous samples on rank 0 only: both ranks split in step
+    for mode in ("per_sample", "local"):
+        torch.manual_seed(0)
+        model = Tokens().double()
+        mas = MAS(model if rank is None else shard_tokens(model), mode=mode)
+        mas.consolidate(tokens(rank), progress=False)
+        out[f"split {mode}"] = {n: whole(t) for n, t in mas.importance.items()}
     # the whole-model fallback gathers the whole model for its moment
     with pytest.warns(UserWarning, match="whole-model"):
         mas = MAS(wrap(make_model(borrowed=True)))
@@ -211,6 +254,18 @@ def test_verification_compares_each_rank_with_the_gathered_gradient(ranks, singl
         assert rank["coverage"] == single["coverage"]
         assert rank["coverage"]["1.0.weight"] == "module-local"
         assert rank["coverage"]["0.0.weight"] == rank["coverage"]["5.weight"] == "rule"
+
+
+def test_ranks_adopt_each_others_demotions(ranks):
+    coverage = [rank["one rank demotes"] for rank in ranks]
+    assert coverage[0] == coverage[1]
+    assert coverage[0]["1.0.weight"] == "module-local" and coverage[0]["0.0.weight"] == "rule"
+
+
+@pytest.mark.parametrize("mode", ["per_sample", "local"])
+def test_ranks_split_an_ambiguous_batch_in_step(ranks, single, mode):
+    for rank in ranks:
+        assert_same(rank[f"split {mode}"], single[f"split {mode}"], f"split {mode}")
 
 
 def test_whole_model_fallback_under_fsdp(ranks, single):

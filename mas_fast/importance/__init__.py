@@ -13,7 +13,6 @@ only) by a library's own loss of the batch output, in train mode if that library
 """
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,7 +24,7 @@ from .local_mode import local_sums
 from .objective import NORMS, PAPER, Objective, train_mode
 from .per_sample import AmbiguousSamples, per_sample_sums
 from .rules import rule_for
-from .state import RULE, WHOLE_MODEL, ImportanceState, describe
+from .state import RULE, WHOLE_MODEL, ImportanceState, collective_pass, describe, in_collective_pass
 from ..ops.policy import acc_dtype
 
 Tensor = torch.Tensor
@@ -35,12 +34,6 @@ OutputFn = Optional[Callable[[Any], Tensor]]
 
 class NonFiniteError(ValueError):
     """NaN or Inf met in a model output or an importance value: nothing was accumulated."""
-
-
-# A collective pass (every rank in step, FSDP2) checks a non-finite output at its end, through the
-# importance it makes non-finite: raised mid-pass, the error would leave the other ranks waiting
-# in the pass's collectives.
-_collective = threading.local()
 
 
 def batch_size(x: Any) -> int:
@@ -62,7 +55,9 @@ def output_tensor(output: Any, output_fn: OutputFn, batch: int) -> Tensor:
     if F.dim() == 0 or F.shape[0] != batch:
         raise ValueError(f"the model output has shape {tuple(F.shape)}; MAS needs dimension 0 to "
                          f"index the {batch} samples of the batch")
-    if not getattr(_collective, "active", False) and not bool(torch.isfinite(F).all()):
+    # a collective pass (FSDP2, every rank in step) reports a non-finite output at its end, through
+    # the importance it makes non-finite: raised here, it would leave the other ranks waiting
+    if not in_collective_pass() and not bool(torch.isfinite(F).all()):
         raise NonFiniteError("the model output contains NaN or Inf; importance was not accumulated")
     return F
 
@@ -157,7 +152,10 @@ def _over_sub_batches(sums_of: Callable[[Any, int], dict[str, Tensor]], x: Any, 
     except AmbiguousSamples:
         sums: dict[str, Tensor] = {}
         for part, size in _halves(x, batch):
-            _add(sums, _over_sub_batches(sums_of, part, size))
+            if size:
+                _add(sums, _over_sub_batches(sums_of, part, size))
+            else:  # one sample, split because another rank's batch was ambiguous: run in step, count once
+                _over_sub_batches(sums_of, x, batch)
         return sums
 
 
@@ -231,12 +229,9 @@ def batch_importance(model: nn.Module, x: Any, params: dict[str, Tensor], mode: 
     if batch == 0:
         raise ValueError("the input batch is empty (0 samples)")
     state = state if state is not None else ImportanceState()
-    before, _collective.active = getattr(_collective, "active", False), collective
-    try:
+    with collective_pass(collective):
         return _checked(_importance(model, x, params, mode, output_fn, backend, verify, state, objective, batch),
                         params, batch)
-    finally:
-        _collective.active = before
 
 
 def _importance(model, x, params, mode, output_fn, backend, verify, state, objective, batch) -> dict[str, Tensor]:

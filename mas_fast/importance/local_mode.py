@@ -21,7 +21,7 @@ from .capture import Site, detached, hooked, parameters_in_use, without_autocast
 from .fallback import module_local
 from .objective import squared_norm
 from .per_sample import AmbiguousSamples, ambiguous_sites
-from .state import MODULE_LOCAL, RULE, ImportanceState, describe
+from .state import MODULE_LOCAL, RULE, ImportanceState, agreed, describe
 from .verify import mismatch, tolerance
 from .. import sharding
 
@@ -122,13 +122,16 @@ def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, b
 
     # a pass's first batch keeps the forward's graph to verify; a later one only when the
     # layers that ran (or how) differ from the verified ones, at the cost of a second forward
+    since = state.decisions()
     check = verify and state.verified_on is None
     structure = run(keep_graph=check)
-    if ambiguous_sites(sites, batch):  # smaller sub-batches make the sample dimension unique
+    if agreed(state, since, bool(ambiguous_sites(sites, batch)))[0]:  # sub-batches make the sample dim unique
         raise AmbiguousSamples
     if verify and not check and state.needs_verification(structure):
         check = True
         structure = run(keep_graph=True)
+    # a collective pass: a rule that failed its check on any rank leaves every rank's module
+    failed = agreed(state, since, failed=[s.path for s in sites if ruled(s) and from_hook[id(s)][0]])[2]
     sums: dict[str, Tensor] = {}
     coverage: dict[str, str] = {}
     for s in sites:
@@ -136,6 +139,8 @@ def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, b
         values, path = {}, RULE if s.rule is not None else MODULE_LOCAL
         if ruled(s):
             why, values = from_hook[id(s)]
+            if why is None and s.path in failed:
+                why, values = "its rule failed verification on another rank", {}
             if why is not None:
                 state.demote(s.path, s.module, MODULE_LOCAL, why)
         if s.calls and set(values) != wanted:  # no rule, or one that does not describe the layer

@@ -25,7 +25,7 @@ from .capture import Site, parameters_in_use, run_and_stream
 from .fallback import model_per_sample
 from .local_vjp import group_sums, groups
 from .proxies import Proxy, proxies_for, proxy_sums, substituted
-from .state import MODULE_LOCAL, RULE, WHOLE_MODEL, ImportanceState
+from .state import MODULE_LOCAL, RULE, WHOLE_MODEL, ImportanceState, agreed
 from .verify import mismatch, tolerance
 from .. import sharding
 
@@ -135,6 +135,7 @@ class _BatchPass:
         self.used = params                      # the tensors the forward used (FSDP2: gathered)
         self.checking = [p for p in self.proxies if p.checking]
         self.sites = [s for s in sites if s.params]  # containers whose parameters all have proxies
+        self.since = state.decisions()          # the ranks of a collective pass agree on changes
         self.sums: dict[str, Tensor] = {}
         self.signed: dict[str, Tensor] = {}     # Σ_k g_k, on a verified batch
         self.crashed: list[tuple[Site, str]] = []
@@ -171,17 +172,25 @@ class _BatchPass:
     def wanted(self, total: Tensor) -> dict[str, Tensor]:
         """After the forward: settle the checks, and name the tensors whose gradients the backward returns."""
         state, sites = self.state, self.sites
-        for s in sites:  # a ruled module called several times: its calls need the module-local path
-            if s.rule is not None and s.calls > 1:
-                state.demote(s.path, s.module, MODULE_LOCAL, f"called {s.calls} times in one forward")
-                raise _Demoted
-        if ambiguous_sites(sites, self.batch):  # before any backward or whole-model work
+        called = [s for s in sites if s.rule is not None and s.calls > 1]
+        for s in called:  # a ruled module called several times: its calls need the module-local path
+            state.demote(s.path, s.module, MODULE_LOCAL, f"called {s.calls} times in one forward")
+        ambiguous = not called and bool(ambiguous_sites(sites, self.batch))  # before any backward
+        refused = False
+        if not (called or ambiguous):
+            self.structure = _structure(sites)
+            self.verifying = self.verify and state.needs_verification(self.structure)
+            expanded = [s for s in sites if s.expanded]
+            try:
+                if (expanded and self.verifying) or self.checking:
+                    _check_substitutions(expanded, self.checking, self.plain_objective, total, state)
+            except _Demoted:
+                refused = True
+        ambiguous, changed, _ = agreed(state, self.since, ambiguous)
+        if changed or refused:
+            raise _Demoted
+        if ambiguous:
             raise AmbiguousSamples
-        self.structure = _structure(sites)
-        self.verifying = self.verify and state.needs_verification(self.structure)
-        expanded = [s for s in sites if s.expanded]
-        if (expanded and self.verifying) or self.checking:
-            _check_substitutions(expanded, self.checking, self.plain_objective, total, state)
         self.ruled = [s for s in sites if s.ruled]
         self.autocast = _autocast_dtypes()
         served = [s for s in sites if s.ruled or _usable_locally(s)]
@@ -196,7 +205,7 @@ class _BatchPass:
         grads = run_and_stream(self.sites, self.objective, self.apply_rule, self.wanted)
         for site, reason in self.crashed:
             state.demote(site.path, site.module, MODULE_LOCAL, reason)
-        if self.crashed:
+        if agreed(state, self.since)[1]:
             raise _Demoted
         from_proxies = self._proxy_sums(grads)
         coverage = {n: RULE for s in self.sites if s.rule is not None for n in s.params.values()}
@@ -207,6 +216,8 @@ class _BatchPass:
         if self.verifying:
             _verify(self.ruled, [s for s in self.sites if _usable_locally(s)], self.params, self.signed, grads,
                     self.autocast, state)
+            if agreed(state, self.since)[1]:
+                raise _Demoted
             state.verified_on = self.structure
         used = {n: s for n, s in whole.items() if grads.get(n) is not None}
         for s in {id(s): s for s in used.values()}.values():
@@ -286,8 +297,7 @@ def _check_proxy(p: Proxy, from_proxy: Tensor, exact: Optional[Tensor], state: I
 
 def _verify(ruled: list[Site], local: list[Site], params: dict[str, Tensor], signed: dict[str, Tensor],
             grads: dict, autocast: list, state: ImportanceState) -> None:
-    """Demote every site whose Σ_k g_k disagrees with autograd (then compute the batch again)."""
-    failed = False
+    """Demote every site whose Σ_k g_k disagrees with autograd (the caller then computes the batch again)."""
     local_groups = groups(local)
     for s in ruled + local:
         rtol = _rtol(s, params, grads, autocast)
@@ -295,7 +305,6 @@ def _verify(ruled: list[Site], local: list[Site], params: dict[str, Tensor], sig
             why = mismatch(signed.get(n), grads.get(n), rtol)
             if why is None:
                 continue
-            failed = True
             if any(s is r for r in ruled):
                 state.demote(s.path, s.module, MODULE_LOCAL, f"its rule failed verification for {attr}: {why}")
             else:
@@ -305,8 +314,6 @@ def _verify(ruled: list[Site], local: list[Site], params: dict[str, Tensor], sig
                                  f"its module-local path failed verification for {attr}: {why} (the "
                                  "parameter is used outside the module's own forward)")
             break
-    if failed:
-        raise _Demoted
 
 
 __all__ = ["AmbiguousSamples", "ambiguous_sites", "per_sample_sums"]
