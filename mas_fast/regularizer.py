@@ -564,7 +564,7 @@ class MAS:
         engine = self._engine.copy()
         engine.new_pass()
         with _exclusive_pass(self.model):  # a collective under FSDP2 (each forward gathers the groups)
-            self._batch_sums(x, self._checked_params(_TaskImportance()), engine)
+            self._batch_sums(x, self._checked_params(_TaskImportance()), engine, collective=self._lockstep())
         return dict(engine.coverage)
 
     # ------------------------------------------------------------------ penalty

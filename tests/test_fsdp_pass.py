@@ -178,6 +178,7 @@ def scenario(rank=None):
         mas.consolidate(mine, progress=False)
     out["rescaled"] = {n: whole(t) for n, t in mas.importance.items()}
     out["coverage"] = mas.coverage()
+    out["dry run"] = MAS(wrap(make_model())).coverage(mine[0])  # a collective too
     if rank is not None:  # only rank 1's rule fails verification: every rank demotes it
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -254,6 +255,12 @@ def test_verification_compares_each_rank_with_the_gathered_gradient(ranks, singl
         assert rank["coverage"] == single["coverage"]
         assert rank["coverage"]["1.0.weight"] == "module-local"
         assert rank["coverage"]["0.0.weight"] == rank["coverage"]["5.weight"] == "rule"
+
+
+def test_coverage_dry_run(ranks, single):
+    for rank in ranks:
+        assert rank["dry run"] == single["dry run"]
+        assert set(rank["dry run"].values()) == {"rule"}
 
 
 def test_ranks_adopt_each_others_demotions(ranks):
