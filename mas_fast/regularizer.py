@@ -690,13 +690,14 @@ class MAS:
 
     @property
     def task_importance(self) -> Mapping[str, Tensor]:
-        """The current task's running Ω (not yet consolidated)."""
+        """The current task's running Ω (not yet consolidated). On an FSDP2 model: DTensors sharded
+        like the parameters, the running Ω of every rank's samples."""
         return MappingProxyType(self._task.mean)
 
     @property
     def samples_seen(self) -> int:
         """Samples accumulated in the current task so far (batches, for a convention whose Ω is
-        a mean over batches: "authors", "hsu", "avalanche")."""
+        a mean over batches: "authors", "hsu", "avalanche"); every rank's, on an FSDP2 model."""
         return self._task.count
 
     def state_dict(self, full_state_dict: bool = False) -> dict[str, Any]:
