@@ -7,8 +7,8 @@
 - Before that reduction the ranks agree (see `union_mean`): every rank either commits, or
   raises the same clear error (differing parameters or configuration, or a rank whose
   importance pass failed), with no collective left pending and no state changed.
-- FSDP2 (`fully_shard`) models take the same path: the sums are full-size on every rank,
-  and each rank then keeps its shard of the mean (see mas_fast.sharding).
+- FSDP2 (`fully_shard`) models reduce every batch during the pass instead (each rank keeps its
+  shard of the running task, see mas_fast.sharding); `consolidate()` then only agrees (`agreed`).
 """
 from __future__ import annotations
 
@@ -58,9 +58,27 @@ def contribution(config: Mapping[str, Any], means: Mapping[str, Tensor], compens
         # The Kahan estimate of the mean is mean − compensation.
         return ((means[n] - compensations[n]) * count).to(**place) if count else torch.zeros(p.shape, **place)
 
-    signature = [(key, repr(value)) for key, value in config.items()]
-    signature += [(f"parameter {n!r}", f"shape {tuple(params[n].shape)}, {params[n].dtype}") for n in sorted(params)]
-    return Contribution(signature, {n: local_sum(n, p) for n, p in params.items()}, count)
+    return Contribution(signature(config, params), {n: local_sum(n, p) for n, p in params.items()}, count)
+
+
+def signature(config: Mapping[str, Any], params: Mapping[str, Tensor]) -> list[tuple[str, str]]:
+    """What every rank must agree on: `config`'s values and each parameter's name, shape and dtype."""
+    entries = [(key, repr(value)) for key, value in config.items()]
+    return entries + [(f"parameter {n!r}", f"shape {tuple(params[n].shape)}, {params[n].dtype}")
+                      for n in sorted(params)]
+
+
+def agreed(contribute: Callable[[], Contribution]) -> Contribution:
+    """Collective: this rank's `contribute()`, returned once every rank's succeeded with the same
+    signature; otherwise every rank raises, as `union_mean` describes. Nothing is reduced (for
+    sums that are reduced already)."""
+    try:
+        mine = contribute()
+    except Exception as exc:
+        _agree({"error": f"{type(exc).__name__}: {exc}"}, count=0)
+        raise
+    _agree({"signature": mine.signature}, mine.count)
+    return mine
 
 
 def union_mean(contribute: Callable[[], Contribution]) -> tuple[dict[str, Tensor], int]:

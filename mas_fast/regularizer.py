@@ -182,11 +182,16 @@ class _TaskImportance:
         names = list(sums)
         means = [self.mean[k] if k in self.mean else new[k][0] for k in names]
         compensations = [self.compensation[k] if k in self.compensation else new[k][1] for k in names]
-        ops.running_mean_update_(means, compensations, [sums[k] for k in names], self.count, n, backend=backend)
+        ops.running_mean_update_(*(sharding.locals_of(ts) for ts in (means, compensations, [sums[k] for k in names])),
+                                 self.count, n, backend=backend)
         for k, (m, c) in new.items():  # entries join only once the update succeeded
             self.mean[k], self.compensation[k] = m, c
         self.count += n
 
+
+# A rank's report at each step of a lockstep pass (MAS._lockstep_pass, sharding.exchange): it has a
+# batch, its batches ran out, it never had one, it failed; after a step's pass: it succeeded.
+_HAS_BATCH, _DONE, _EMPTY, _FAILED, _OK = range(5)
 
 # Models with an importance pass running (hooks installed, eval mode): a second concurrent
 # pass on the same model, from another thread, would corrupt both.
@@ -313,7 +318,11 @@ class MAS:
         sharding.check_supported(self.model)
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def _accumulate_into(self, task: _TaskImportance, x: Any, engine: Optional[ImportanceState] = None) -> int:
+    def _checked_params(self, task: _TaskImportance) -> dict[str, Tensor]:
+        """The trainable parameters, ValueError if they changed during `task`. Under FSDP2 every
+        group is resharded first: the pass sees the sharded parameters, FSDP gathers each group
+        while it runs (the root stays gathered after a forward that no backward followed)."""
+        sharding.reshard(self.model)
         params = self._trainable()
         if task.count and set(params) != set(task.mean):
             added, removed = sorted(set(params) - set(task.mean)), sorted(set(task.mean) - set(params))
@@ -322,17 +331,80 @@ class MAS:
         reshaped = _shape_changes(task.mean, params)
         if reshaped:
             raise ValueError("parameters changed shape during the task: " + "; ".join(reshaped))
-        engine = engine if engine is not None else self._engine
+        return params
+
+    def _batch_sums(self, x: Any, params: dict[str, Tensor], engine: ImportanceState,
+                    collective: bool = False) -> tuple[dict[str, Tensor], int, int]:
+        """One batch's Σ|g| per parameter (whole-size, the convention's factor applied), its sample
+        count and its weight in the running mean."""
         setting = convention_named(self.convention)
-        # Under FSDP2 the caller holds the model unsharded: the pass sees plain full parameters.
-        full = {n: p for n, p in self.model.named_parameters() if n in params}
-        sums, n = batch_importance(self.model, x, full, self.mode, self.output_fn, self.backend,
-                                   verify=self.verify, state=engine, objective=setting.objective(self.norm))
+        try:
+            sums, n = batch_importance(self.model, x, params, self.mode, self.output_fn, self.backend,
+                                       verify=self.verify, state=engine, objective=setting.objective(self.norm),
+                                       collective=collective)
+        finally:
+            sharding.reshard(self.model)
         factor, weight = setting.weigh(n)
         if factor != 1.0:
             torch._foreach_mul_(list(sums.values()), factor)
-        task.add(sums, weight, self.backend)
+        return sums, n, weight
+
+    def _accumulate_into(self, task: _TaskImportance, x: Any, engine: Optional[ImportanceState] = None) -> int:
+        params = self._checked_params(task)
+        sums, n, weight = self._batch_sums(x, params, engine if engine is not None else self._engine)
+        # FSDP2 on one rank (or sync=False): the task holds each sum sharded like its parameter
+        task.add({k: sharding.shard_like(v, params[k]) for k, v in sums.items()}, weight, self.backend)
         return n
+
+    def _lockstep(self) -> bool:
+        """True when importance passes run in step on every rank, each batch reduced over ranks into
+        each rank's shard of the running task: an FSDP2 model under several ranks, sync=True."""
+        return self.sync and distributed.active() and bool(sharding.fsdp2_modules(self.model))
+
+    def _lockstep_step(self, task: _TaskImportance, x: Any, engine: ImportanceState, real: bool) -> Optional[int]:
+        """One step of a lockstep pass: this rank's batch `x` (a stand-in when not `real`: its
+        importance counts nothing), then every rank's sums reduce-scattered into this rank's shard
+        of `task`. Returns the batch's sample count; None when another rank failed (nothing added).
+        A failure here is reported to the other ranks, then raised."""
+        try:
+            params = self._checked_params(task)
+            sums, n, weight = self._batch_sums(x, params, engine, collective=True)
+        except Exception:
+            sharding.exchange(_FAILED)
+            raise
+        reports = sharding.exchange(_OK, weight if real else 0)
+        if any(code == _FAILED for code, _ in reports):
+            return None
+        if not real:
+            torch._foreach_zero_(list(sums.values()))
+        task.add(sharding.reduced_to_shards(sums, params), sum(w for _, w in reports), self.backend)
+        return n
+
+    def _lockstep_pass(self, task: _TaskImportance, batches: Iterable, engine: ImportanceState) -> None:
+        """Every rank's batches in lockstep (each step gathers FSDP's groups in its forward and
+        backward, and reduces its sums over ranks) until every rank's loader is exhausted: a rank
+        whose batches ran out takes part with a stand-in, its last batch (or, for a rank that had
+        none, the batch of the lowest rank that has one). Stops when another rank failed (the
+        agreement in `consolidate` then raises); a failure of this rank is reported, then raised."""
+        batches, last = iter(batches), None
+        while True:
+            try:
+                x, code = batch_input(next(batches)), _HAS_BATCH
+            except StopIteration:
+                x, code = last, _DONE if last is not None else _EMPTY
+            except Exception:
+                sharding.exchange(_FAILED)
+                raise
+            codes = [c for c, _ in sharding.exchange(code)]
+            if _FAILED in codes or _HAS_BATCH not in codes:
+                return
+            if _EMPTY in codes:
+                device = next(self.model.parameters()).device
+                stand_in = sharding.broadcast_input(x, codes.index(_HAS_BATCH), device)
+                x = stand_in if code == _EMPTY else x
+            if self._lockstep_step(task, x, engine, real=code == _HAS_BATCH) is None:
+                return
+            last = x
 
     @_normal_tensors
     def accumulate(self, x: Any) -> int:
@@ -341,11 +413,17 @@ class MAS:
         Usable at any time (e.g. on unlabeled test-time data): streaming batches of any
         sizes gives the same Ω as one pass over their union (per-sample modes; a
         convention whose Ω is a mean over batches depends on the batches, as its library does).
-        On an FSDP2 model it is a collective (it gathers the parameters): every rank calls it,
-        each with its own batch.
+        On an FSDP2 model under several ranks it is a collective: every rank calls it, each with
+        its own batch, and the batches' importance is reduced over ranks into each rank's shard
+        of the running task (a failure on one rank raises on every rank, with nothing added).
         """
-        with _exclusive_pass(self.model), sharding.unsharded(self.model):
-            return self._accumulate_into(self._task, x)
+        with _exclusive_pass(self.model):
+            if not self._lockstep():
+                return self._accumulate_into(self._task, x)
+            n = self._lockstep_step(self._task, x, self._engine, real=True)
+        if n is None:
+            raise distributed.RankFailedError("accumulate() failed on another rank; no rank's running task changed")
+        return n
 
     @_normal_tensors
     def consolidate(self, loader: Optional[Iterable] = None, progress: bool = True) -> None:
@@ -370,7 +448,10 @@ class MAS:
                              "would keep its shard of its own importance, and the shards would not form one Ω; "
                              "use sync=True")
         engine = self._engine.copy() if loader is not None else self._engine
-        if self.sync and distributed.active():
+        if self._lockstep():  # FSDP2: every batch was reduced; each rank holds its shard of the union
+            agreed = distributed.agreed(lambda: self._contribution(loader, progress, engine, reduced=True))
+            task_mean, count = agreed.sums, agreed.count
+        elif self.sync and distributed.active():
             task_mean, count = distributed.union_mean(lambda: self._contribution(loader, progress, engine))
         else:
             task = self._local_task(loader, progress, engine)
@@ -381,8 +462,8 @@ class MAS:
                              "nothing to consolidate: call accumulate(x) or pass a loader first")
         named = dict(self.model.named_parameters())
         self._check_model_holds(task_mean, named)
-        # FSDP2: every rank holds the whole mean; it keeps its shard (parameters' sharding).
-        omega = self._merged({n: sharding.shard_like(t, named[n]) for n, t in task_mean.items()})
+        # FSDP2: Ω takes its parameter's sharding (a rank keeps its shard of a whole mean).
+        omega = self._merged({n: sharding.like(t, named[n]) for n, t in task_mean.items()})
         omega = {n: o.to(self._omega_dtype(named[n])) for n, o in omega.items()}  # merged in fp32
         theta_star = {n: named[n].detach().to(self._theta_dtype(named[n]), copy=True) for n in omega}
         self._omega, self._theta_star = omega, theta_star
@@ -406,9 +487,12 @@ class MAS:
         # tqdm calls iter(loader) when built, and each DataLoader iterator draws a seed from
         # the global RNG (a train-mode pass must see the dropout masks a plain loop would)
         batches = tqdm(loader, desc="MAS importance", leave=False) if progress else loader
-        with _exclusive_pass(self.model), sharding.unsharded(self.model):  # one all-gather per pass
-            for batch in batches:
-                self._accumulate_into(task, batch_input(batch), engine)
+        with _exclusive_pass(self.model):
+            if self._lockstep():
+                self._lockstep_pass(task, batches, engine)
+            else:
+                for batch in batches:
+                    self._accumulate_into(task, batch_input(batch), engine)
         return task
 
     def _check_model_holds(self, task_mean: Mapping[str, Tensor], named: Mapping[str, Tensor]) -> None:
@@ -420,10 +504,11 @@ class MAS:
         if reshaped:
             raise ValueError("parameters changed shape since the last consolidation: " + "; ".join(reshaped))
 
-    def _contribution(self, loader: Optional[Iterable], progress: bool,
-                      engine: ImportanceState) -> distributed.Contribution:
+    def _contribution(self, loader: Optional[Iterable], progress: bool, engine: ImportanceState,
+                      reduced: bool = False) -> distributed.Contribution:
         """This rank's part of a synchronised consolidation: its local pass, checked against
-        the model, as sums over its samples (zeros for the trainable parameters if it has none)."""
+        the model, as sums over its samples (zeros for the trainable parameters if it has none);
+        `reduced` (a lockstep pass): the task's mean over every rank's samples, this rank's shards."""
         task = self._local_task(loader, progress, engine)
         named = dict(self.model.named_parameters())
         self._check_model_holds(task.mean, named)
@@ -432,6 +517,9 @@ class MAS:
                   "consolidated tasks": self.num_tasks}
         if self.merge == "alpha":
             config["alpha"] = self.alpha
+        if reduced:
+            return distributed.Contribution(distributed.signature(config, {n: named[n] for n in named if n in covered}),
+                                            dict(task.mean), task.count)
         return distributed.contribution(config, task.mean, task.compensation, task.count,
                                         {n: named[n] for n in named if n in covered})
 
@@ -472,8 +560,8 @@ class MAS:
             return dict(self._engine.coverage)
         engine = self._engine.copy()
         engine.new_pass()
-        with _exclusive_pass(self.model), sharding.unsharded(self.model):
-            self._accumulate_into(_TaskImportance(), x, engine)
+        with _exclusive_pass(self.model):  # a collective under FSDP2 (each forward gathers the groups)
+            self._batch_sums(x, self._checked_params(_TaskImportance()), engine, collective=self._lockstep())
         return dict(engine.coverage)
 
     # ------------------------------------------------------------------ penalty
@@ -599,13 +687,14 @@ class MAS:
 
     @property
     def task_importance(self) -> Mapping[str, Tensor]:
-        """The current task's running Ω (not yet consolidated)."""
+        """The current task's running Ω (not yet consolidated). On an FSDP2 model: DTensors sharded
+        like the parameters, the running Ω of every rank's samples."""
         return MappingProxyType(self._task.mean)
 
     @property
     def samples_seen(self) -> int:
         """Samples accumulated in the current task so far (batches, for a convention whose Ω is
-        a mean over batches: "authors", "hsu", "avalanche")."""
+        a mean over batches: "authors", "hsu", "avalanche"); every rank's, on an FSDP2 model."""
         return self._task.count
 
     def state_dict(self, full_state_dict: bool = False) -> dict[str, Any]:
@@ -622,9 +711,8 @@ class MAS:
         """
         if not isinstance(full_state_dict, bool):
             raise TypeError(f"full_state_dict must be a bool, got {type(full_state_dict).__name__}")
-        # FSDP2: a rank-local running task would not survive a change of world size; the union does.
-        task = self._union_task() if self._shared_task() else self._task
-        self._task.exported = True
+        task = self._task
+        task.exported = True
         whole = sharding.full if full_state_dict else (lambda t: t)
         return {
             "format": STATE_FORMAT, "convention": self.convention, "mode": self.mode, "norm": self.norm,
@@ -632,36 +720,13 @@ class MAS:
             "alpha": self.alpha, "num_tasks": self.num_tasks,
             "omega": {n: whole(t) for n, t in self._omega.items()},
             "theta_star": {n: whole(t) for n, t in self._theta_star.items()},
-            "task_count": task.count, "task_mean": dict(task.mean), "task_compensation": dict(task.compensation),
+            "task_count": task.count, "task_mean": {n: whole(t) for n, t in task.mean.items()},
+            "task_compensation": {n: whole(t) for n, t in task.compensation.items()},
         }
 
-    def _shared_task(self) -> bool:
-        """True when the running task is kept as one union across ranks in state_dicts: an
-        FSDP2 model under a process group with more than one rank, and sync=True."""
-        return self.sync and distributed.active() and \
-            any(sharding.is_sharded(p) for p in self.model.parameters())
-
-    def _union_task(self) -> _TaskImportance:
-        """Collective: the running task of every rank's samples together (the mean
-        `consolidate()` would reduce), the same on every rank."""
-        union = _TaskImportance()
-        counts = torch.tensor([self._task.count], dtype=torch.int64, device=distributed.exchange_device())
-        torch.distributed.all_reduce(counts)  # no rank has a running task: nothing to reduce
-        if not int(counts):
-            return union
-        named = dict(self.model.named_parameters())
-        covered = self._task.mean if self._task.count else self._trainable()
-        mean, count = distributed.union_mean(lambda: distributed.contribution(
-            {"consolidated tasks": self.num_tasks}, self._task.mean, self._task.compensation, self._task.count,
-            {n: named[n] for n in named if n in covered}))
-        if count:
-            union.mean, union.compensation = mean, {n: torch.zeros_like(t) for n, t in mean.items()}
-            union.count = count
-        return union
-
     def state_dict_template(self, stored_keys: Iterable[str], prefix: str = "") -> dict[str, Any]:
-        """A `state_dict()`-shaped target for `torch.distributed.checkpoint.load`: zero tensors,
-        Ω and θ* sharded like this model's parameters, for the entries a checkpoint holds.
+        """A `state_dict()`-shaped target for `torch.distributed.checkpoint.load`: zero tensors
+        sharded like this model's parameters, for the entries a checkpoint holds.
 
         `stored_keys`: the checkpoint's flattened keys, e.g.
         `FileSystemReader(path).read_metadata().state_dict_metadata`; `prefix`: where the MAS
@@ -682,8 +747,7 @@ class MAS:
                     dtype = {"omega": self._omega_dtype(p), "theta_star": self._theta_dtype(p)}.get(
                         group, acc_dtype(p.dtype))
                     zeros = torch.zeros(p.shape, dtype=dtype, device=p.device)
-                    template[group][n] = sharding.shard_like(zeros, p) if group in ("omega", "theta_star") \
-                        else zeros
+                    template[group][n] = sharding.shard_like(zeros, p)
         return template
 
     def memory_bytes(self) -> dict[str, int]:
@@ -738,17 +802,15 @@ class MAS:
             raise ValueError("corrupt MAS state: " + "; ".join(corrupt))
 
         def place(group: str) -> dict[str, Tensor]:
-            # Ω and θ* take their parameter's sharding; the running task is whole on every rank.
-            follow = sharding.like if group in ("omega", "theta_star") else lambda t, p: sharding.full(t)
+            # every group takes its parameter's sharding (a running task: each rank its shard of it)
             dtype = {"omega": self._omega_dtype, "theta_star": self._theta_dtype}.get(
                 group, lambda p: acc_dtype(p.dtype))
-            return {n: follow(t.detach(), named[n]).to(device=named[n].device, dtype=dtype(named[n]), copy=True)
+            return {n: sharding.like(t.detach(), named[n]).to(device=named[n].device, dtype=dtype(named[n]), copy=True)
                     for n, t in state[group].items()}
 
         task = _TaskImportance()
-        if not (self._shared_task() and torch.distributed.get_rank() != 0):  # the union: on rank 0 only
-            task.mean, task.compensation = place("task_mean"), place("task_compensation")
-            task.count = int(state["task_count"])
+        task.mean, task.compensation = place("task_mean"), place("task_compensation")
+        task.count = int(state["task_count"])
         self._omega, self._theta_star, self._task = place("omega"), place("theta_star"), task
         self.mode, self.lambda_, self.merge = state["mode"], float(state["lambda_"]), state["merge"]
         self.convention, self.norm = setting

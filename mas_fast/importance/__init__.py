@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .capture import Site, eval_mode
+from .capture import Site, eval_mode, parameters_in_use
 from .local_mode import local_sums
 from .objective import NORMS, PAPER, Objective, train_mode
 from .per_sample import AmbiguousSamples, per_sample_sums
 from .rules import rule_for
-from .state import RULE, WHOLE_MODEL, ImportanceState, describe
+from .state import RULE, WHOLE_MODEL, ImportanceState, collective_pass, describe, in_collective_pass
 from ..ops.policy import acc_dtype
 
 Tensor = torch.Tensor
@@ -55,7 +55,9 @@ def output_tensor(output: Any, output_fn: OutputFn, batch: int) -> Tensor:
     if F.dim() == 0 or F.shape[0] != batch:
         raise ValueError(f"the model output has shape {tuple(F.shape)}; MAS needs dimension 0 to "
                          f"index the {batch} samples of the batch")
-    if not bool(torch.isfinite(F).all()):
+    # a collective pass (FSDP2, every rank in step) reports a non-finite output at its end, through
+    # the importance it makes non-finite: raised here, it would leave the other ranks waiting
+    if not in_collective_pass() and not bool(torch.isfinite(F).all()):
         raise NonFiniteError("the model output contains NaN or Inf; importance was not accumulated")
     return F
 
@@ -73,7 +75,9 @@ def sites_of(model: nn.Module, params: dict[str, Tensor], mode: str, batch: int,
     for m in model.modules():
         for _, p in m.named_parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
-    name_of = {id(p): n for n, p in params.items()}
+    # by name: under FSDP2 a module may hold another tensor for the parameter than `params` (the
+    # root stays gathered after a forward that no backward followed)
+    name_of = {id(p): n for n, p in model.named_parameters() if n in params}
     claimed: set[int] = set()  # children covered by their parent's rule (modules() is pre-order)
     sites = []
     for path, m in model.named_modules():
@@ -148,7 +152,10 @@ def _over_sub_batches(sums_of: Callable[[Any, int], dict[str, Tensor]], x: Any, 
     except AmbiguousSamples:
         sums: dict[str, Tensor] = {}
         for part, size in _halves(x, batch):
-            _add(sums, _over_sub_batches(sums_of, part, size))
+            if size:
+                _add(sums, _over_sub_batches(sums_of, part, size))
+            else:  # one sample, split because another rank's batch was ambiguous: run in step, count once
+                _over_sub_batches(sums_of, x, batch)
         return sums
 
 
@@ -157,13 +164,14 @@ def _batch(model, x, params, output_fn, batch, state: ImportanceState, objective
     state.record_coverage({n: "batch" for n in params})
     sums: dict[str, Tensor] = {}
     with torch.enable_grad():
-        F = output_tensor(model(x), output_fn, batch)
+        with parameters_in_use(model, params) as used:  # FSDP2: the gathered parameters
+            F = output_tensor(model(x), output_fn, batch)
         parts = objective.parts(F)
         for i, part in enumerate(parts):
             total = part(F)
             if not total.requires_grad:
                 return {}
-            grads = torch.autograd.grad(total, list(params.values()), allow_unused=True,
+            grads = torch.autograd.grad(total, [used[n] for n in params], allow_unused=True,
                                         retain_graph=i + 1 < len(parts))
             _add(sums, {n: g.to(acc_dtype(g.dtype)).abs() for n, g in zip(params, grads) if g is not None})
     return sums
@@ -193,7 +201,7 @@ def _outside_inference_mode(x: Any, params: dict[str, Tensor]) -> Any:
 def batch_importance(model: nn.Module, x: Any, params: dict[str, Tensor], mode: str,
                      output_fn: OutputFn = None, backend: str = "auto", verify: bool = True,
                      state: Optional[ImportanceState] = None,
-                     objective: Objective = PAPER) -> tuple[dict[str, Tensor], int]:
+                     objective: Objective = PAPER, collective: bool = False) -> tuple[dict[str, Tensor], int]:
     """Σ over the samples of `x` of |g| for every parameter in `params`, and the sample count.
 
     Runs in eval mode (train mode for a train-mode objective; each module's mode restored),
@@ -207,6 +215,10 @@ def batch_importance(model: nn.Module, x: Any, params: dict[str, Tensor], mode: 
 
     `objective` (objective.py): the output norm, or a batch loss (mode="batch" only, where
     the result is |∇ loss| of the batch), and whether the pass runs in train mode.
+
+    `params` may be FSDP2 shards (DTensors): FSDP gathers each group while it runs, the rules see
+    whole parameters, and the sums are whole-size. `collective`: every rank runs this pass in step
+    (FSDP2 under several ranks); a non-finite output is then reported at the end of the pass.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -217,6 +229,12 @@ def batch_importance(model: nn.Module, x: Any, params: dict[str, Tensor], mode: 
     if batch == 0:
         raise ValueError("the input batch is empty (0 samples)")
     state = state if state is not None else ImportanceState()
+    with collective_pass(collective):
+        return _checked(_importance(model, x, params, mode, output_fn, backend, verify, state, objective, batch),
+                        params, batch)
+
+
+def _importance(model, x, params, mode, output_fn, backend, verify, state, objective, batch) -> dict[str, Tensor]:
     with torch.inference_mode(False), (train_mode if objective.train else eval_mode)(model):
         x = _outside_inference_mode(x, params)
         if mode == "per_sample":
@@ -227,7 +245,12 @@ def batch_importance(model: nn.Module, x: Any, params: dict[str, Tensor], mode: 
         else:
             sums = _over_sub_batches(lambda x, batch: local_sums(
                 sites_of(model, params, "local", batch), lambda: output_tensor(model(x), output_fn, batch), backend,
-                batch, state, verify), x, batch)
+                batch, state, verify, model, params), x, batch)
+    return sums
+
+
+def _checked(sums: dict[str, Tensor], params: dict[str, Tensor], batch: int) -> tuple[dict[str, Tensor], int]:
+    """Every parameter's sum (zeros where the objective does not depend on it), all finite."""
     result = {n: sums[n] if n in sums else _zeros(p) for n, p in params.items()}
     peaks = [v.amax() for v in result.values() if v.numel()]
     if peaks and not bool(torch.isfinite(torch.stack([p.to(torch.float64) for p in peaks])).all()):

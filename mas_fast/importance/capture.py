@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .rules import Rule
+from .. import sharding
 
 Tensor = torch.Tensor
 
@@ -297,10 +298,38 @@ def stream_deltas(sites: list[Site], objective: Callable[[], Tensor],
 
 @contextmanager
 def hooked(sites: list[Site]) -> Iterator[list[Site]]:
-    """Install the capture hooks for the duration of one pass."""
-    handles = [s.module.register_forward_hook(s.hook, with_kwargs=True) for s in sites]
+    """Install the capture hooks for the duration of one pass. On a `fully_shard` module the hook
+    runs before FSDP2's post-forward: the parameters are still gathered, and FSDP's pre-backward
+    hook, registered on the tapped output, gathers them again before the tap hands Δ to the rule."""
+    handles = [s.module.register_forward_hook(s.hook, with_kwargs=True, prepend=sharding.is_fsdp_module(s.module))
+               for s in sites]
     try:
         yield sites
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def parameters_in_use(model: nn.Module, params: dict[str, Tensor]) -> Iterator[dict[str, Tensor]]:
+    """`params` (canonical name → tensor), updated during the forwards run meanwhile with the tensor
+    each module holds while it runs: under FSDP2 the gathered parameter that autograd
+    differentiates (and its dtype, FSDP's param_dtype), not the shard. The same dict otherwise."""
+    used = dict(params)
+    if not any(sharding.is_sharded(p) for p in params.values()):
+        yield used
+        return
+    name_of = {id(p): n for n, p in params.items()}
+    held = {m: [(a, name_of[id(p)]) for a, p in m.named_parameters(recurse=False) if id(p) in name_of]
+            for m in model.modules()}
+
+    def record(module: nn.Module, args: tuple) -> None:  # after FSDP's pre-forward: gathered
+        for attr, name in held[module]:
+            used[name] = module.get_parameter(attr)
+
+    handles = [m.register_forward_pre_hook(record) for m, own in held.items() if own]
+    try:
+        yield used
     finally:
         for h in handles:
             h.remove()

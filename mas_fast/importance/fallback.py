@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from .. import sharding
 from ..ops.policy import acc_dtype, samples_per_chunk
 from .objective import squared_norm
 
@@ -109,9 +110,12 @@ def module_local(module: nn.Module, calls: Sequence[tuple[tuple, dict]], params:
                  batch: int) -> dict[str, Tensor]:
     """Local variant for one module: per-sample grad of Σ_calls ‖module(args)‖² w.r.t. its own params.
 
-    `params` maps the module's own attribute names to tensors.
+    `params` maps the module's own attribute names to tensors (whole, under FSDP2).
     """
+    constants = sharding.whole_parameters(module, params, next(iter(params.values())).dtype)  # FSDP2
+
     def fn(p: dict, calls_k: Sequence[tuple[tuple, dict]]) -> Tensor:
-        return sum(squared_norm(functional_call(module, p, args, kwargs)) for args, kwargs in calls_k)
+        return sum(squared_norm(sharding.functional_call(module, {**constants, **p}, args, kwargs))
+                   for args, kwargs in calls_k)
 
     return per_sample_grad_sum(fn, params, list(calls), batch)

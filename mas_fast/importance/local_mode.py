@@ -14,14 +14,16 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from .capture import Site, detached, hooked, without_autocast
+from .capture import Site, detached, hooked, parameters_in_use, without_autocast
 from .fallback import module_local
 from .objective import squared_norm
 from .per_sample import AmbiguousSamples, ambiguous_sites
-from .state import MODULE_LOCAL, RULE, ImportanceState, describe
+from .state import MODULE_LOCAL, RULE, ImportanceState, agreed, describe
 from .verify import mismatch, tolerance
+from .. import sharding
 
 Tensor = torch.Tensor
 
@@ -61,12 +63,14 @@ def _why_not_ruled(s: Site, ruled: bool, missing: frozenset) -> str:
     return f"no exact rule for {type(s.module).__name__} in mode='local'"
 
 
-def _own_gradients(s: Site, batch: int) -> dict[str, Tensor]:
+def _own_gradients(s: Site, batch: int, used: dict[str, Tensor]) -> dict[str, Tensor]:
     """Σ_k |∂‖Y_k‖²/∂θ| from the module's own per-sample gradient. A module whose inputs are
     all broadcast over the batch (position ids of shape (1, T)) computes the same Y for every
-    sample: B times the gradient of that one output."""
+    sample: B times the gradient of that one output. `used`: the tensors the forward used by
+    canonical name (FSDP2: a shard is gathered here, after the forward, and cast like them)."""
     calls = detached(s.call_args)
     own = {a: s.module.get_parameter(a) for a in s.params}
+    own = {a: sharding.full(p).to(used[s.params[a]].dtype) if sharding.is_sharded(p) else p for a, p in own.items()}
     leaves = [t for t in tree_flatten(calls)[0] if isinstance(t, Tensor) and t.dim() > 0]
     if any(t.shape[0] == batch for t in leaves):
         return module_local(s.module, calls, own, batch)
@@ -78,7 +82,8 @@ def _own_gradients(s: Site, batch: int) -> dict[str, Tensor]:
 
 
 def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, batch: int,
-               state: ImportanceState, verify: bool) -> dict[str, Tensor]:
+               state: ImportanceState, verify: bool, model: nn.Module,
+               params: dict[str, Tensor]) -> dict[str, Tensor]:
     """Σ_k |∂‖Y_k‖²/∂θ| of every site's own parameters (canonical names); records the paths in `state`.
 
     A ruled layer's rule (and its check) runs in the forward hook, on Y as the layer produced
@@ -90,6 +95,7 @@ def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, b
     # per site (by id), from its first call: (why its rule failed the check, or None; rule values)
     from_hook: dict[int, tuple] = {}
     checking = [False]
+    used = params
 
     def on_output(s: Site) -> None:
         why = _rule_failure(s, backend) if checking[0] else None
@@ -100,13 +106,14 @@ def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, b
         return s.rule is not None and s.calls == 1 and id(s) in from_hook
 
     def run(keep_graph: bool) -> tuple:
+        nonlocal used
         checking[0] = keep_graph
         from_hook.clear()
         for s in sites:
             s.release()
             s.calls, s.unmatched, s.ambiguous, s.on_output = 0, None, False, on_output
         try:
-            with hooked(sites), torch.set_grad_enabled(keep_graph):
+            with hooked(sites), torch.set_grad_enabled(keep_graph), parameters_in_use(model, params) as used:
                 forward()
         finally:
             for s in sites:
@@ -115,13 +122,16 @@ def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, b
 
     # a pass's first batch keeps the forward's graph to verify; a later one only when the
     # layers that ran (or how) differ from the verified ones, at the cost of a second forward
+    since = state.decisions()
     check = verify and state.verified_on is None
     structure = run(keep_graph=check)
-    if ambiguous_sites(sites, batch):  # smaller sub-batches make the sample dimension unique
+    if agreed(state, since, bool(ambiguous_sites(sites, batch)))[0]:  # sub-batches make the sample dim unique
         raise AmbiguousSamples
     if verify and not check and state.needs_verification(structure):
         check = True
         structure = run(keep_graph=True)
+    # a collective pass: a rule that failed its check on any rank leaves every rank's module
+    failed = agreed(state, since, failed=[s.path for s in sites if ruled(s) and from_hook[id(s)][0]])[2]
     sums: dict[str, Tensor] = {}
     coverage: dict[str, str] = {}
     for s in sites:
@@ -129,12 +139,14 @@ def local_sums(sites: list[Site], forward: Callable[[], Tensor], backend: str, b
         values, path = {}, RULE if s.rule is not None else MODULE_LOCAL
         if ruled(s):
             why, values = from_hook[id(s)]
+            if why is None and s.path in failed:
+                why, values = "its rule failed verification on another rank", {}
             if why is not None:
                 state.demote(s.path, s.module, MODULE_LOCAL, why)
         if s.calls and set(values) != wanted:  # no rule, or one that does not describe the layer
             if state.levels.get(s.path) is None:
                 state.warn(s.path, s.module, _why_not_ruled(s, ruled(s), wanted - set(values)), MODULE_LOCAL)
-            values = _own_gradients(s, batch)
+            values = _own_gradients(s, batch, used)
             path = MODULE_LOCAL
         sums.update({s.params[a]: v for a, v in values.items()})
         coverage.update({n: path for n in s.params.values()})

@@ -19,12 +19,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from torch.func import functional_call
 from torch.utils._pytree import tree_flatten
 
 from .capture import Site
 from .fallback import per_sample_grad_sum
 from .rules import rule_for
+from .. import sharding
 from ..ops.policy import acc_dtype, samples_per_weight_chunk
 
 Tensor = torch.Tensor
@@ -108,13 +108,15 @@ def group_sums(group: list[Site], params: dict[str, Tensor], batch: int,
     if pieces:
         return _closed_form_sums(pieces, params, batch, signed_out)
     wanted = {n: params[n] for s in group for n in s.params.values()}
+    # FSDP2: the modules' other parameters (frozen ones, children's) whole, gathered once here
+    constants = [sharding.whole_parameters(s.module, s.params, next(iter(wanted.values())).dtype) for s in group]
 
     def objective(p: dict, sample: list) -> Tensor:
         total = torch.zeros(())
-        for site, site_calls in zip(group, sample):
-            own = {attr: p[name] for attr, name in site.params.items()}
+        for site, site_calls, fixed in zip(group, sample, constants):
+            own = {**fixed, **{attr: p[name] for attr, name in site.params.items()}}
             for args, kwargs, deltas in site_calls:
-                total = total + _inner_product(functional_call(site.module, own, args, kwargs), deltas)
+                total = total + _inner_product(sharding.functional_call(site.module, own, args, kwargs), deltas)
         return total
 
     return per_sample_grad_sum(objective, wanted, calls, batch, signed_out=signed_out)

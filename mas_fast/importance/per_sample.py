@@ -21,12 +21,13 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .capture import Site, run_and_stream
+from .capture import Site, parameters_in_use, run_and_stream
 from .fallback import model_per_sample
 from .local_vjp import group_sums, groups
 from .proxies import Proxy, proxies_for, proxy_sums, substituted
-from .state import MODULE_LOCAL, RULE, WHOLE_MODEL, ImportanceState
+from .state import MODULE_LOCAL, RULE, WHOLE_MODEL, ImportanceState, agreed
 from .verify import mismatch, tolerance
+from .. import sharding
 
 Tensor = torch.Tensor
 
@@ -127,9 +128,14 @@ class _BatchPass:
         self.model, self.x, self.params, self.of_output = model, x, params, of_output
         self.backend, self.batch, self.state, self.verify = backend, batch, state, verify
         self.plain_objective = objective
-        self.proxies = proxies_for(sites, params, batch, state.proxy_ok, state.no_proxy, verify)
+        # Under FSDP2 the gathered parameters take the place of proxies (FSDP's pre-forward
+        # registers them over any stand-in): module-local sites only.
+        self.sharded = any(sharding.is_sharded(p) for p in params.values())
+        self.proxies = [] if self.sharded else proxies_for(sites, params, batch, state.proxy_ok, state.no_proxy, verify)
+        self.used = params                      # the tensors the forward used (FSDP2: gathered)
         self.checking = [p for p in self.proxies if p.checking]
         self.sites = [s for s in sites if s.params]  # containers whose parameters all have proxies
+        self.since = state.decisions()          # the ranks of a collective pass agree on changes
         self.sums: dict[str, Tensor] = {}
         self.signed: dict[str, Tensor] = {}     # Σ_k g_k, on a verified batch
         self.crashed: list[tuple[Site, str]] = []
@@ -138,8 +144,14 @@ class _BatchPass:
         self.ruled: list[Site] = []             # sites their rule serves (captures go with the backward)
 
     def objective(self) -> Tensor:
-        with substituted(self.proxies):
+        with substituted(self.proxies), parameters_in_use(self.model, self.params) as self.used:
             return self.plain_objective()
+
+    def whole(self, names: list[str]) -> dict[str, Tensor]:
+        """The named parameters' values as the forward used them, outside FSDP2's gathering: a
+        shard is gathered (a collective each) and cast as FSDP cast it."""
+        return {n: sharding.full(self.params[n]).to(self.used[n].dtype) if sharding.is_sharded(self.params[n])
+                else self.used[n] for n in names}
 
     def apply_rule(self, site: Site, delta: Any) -> None:
         """The rule on the site's captured input and Δ (and its signed twin on a verified batch)."""
@@ -160,24 +172,32 @@ class _BatchPass:
     def wanted(self, total: Tensor) -> dict[str, Tensor]:
         """After the forward: settle the checks, and name the tensors whose gradients the backward returns."""
         state, sites = self.state, self.sites
-        for s in sites:  # a ruled module called several times: its calls need the module-local path
-            if s.rule is not None and s.calls > 1:
-                state.demote(s.path, s.module, MODULE_LOCAL, f"called {s.calls} times in one forward")
-                raise _Demoted
-        if ambiguous_sites(sites, self.batch):  # before any backward or whole-model work
+        called = [s for s in sites if s.rule is not None and s.calls > 1]
+        for s in called:  # a ruled module called several times: its calls need the module-local path
+            state.demote(s.path, s.module, MODULE_LOCAL, f"called {s.calls} times in one forward")
+        ambiguous = not called and bool(ambiguous_sites(sites, self.batch))  # before any backward
+        refused = False
+        if not (called or ambiguous):
+            self.structure = _structure(sites)
+            self.verifying = self.verify and state.needs_verification(self.structure)
+            expanded = [s for s in sites if s.expanded]
+            try:
+                if (expanded and self.verifying) or self.checking:
+                    _check_substitutions(expanded, self.checking, self.plain_objective, total, state)
+            except _Demoted:
+                refused = True
+        ambiguous, changed, _ = agreed(state, self.since, ambiguous)
+        if changed or refused:
+            raise _Demoted
+        if ambiguous:
             raise AmbiguousSamples
-        self.structure = _structure(sites)
-        self.verifying = self.verify and state.needs_verification(self.structure)
-        expanded = [s for s in sites if s.expanded]
-        if (expanded and self.verifying) or self.checking:
-            _check_substitutions(expanded, self.checking, self.plain_objective, total, state)
         self.ruled = [s for s in sites if s.ruled]
         self.autocast = _autocast_dtypes()
         served = [s for s in sites if s.ruled or _usable_locally(s)]
         names = [n for s in sites if not (s.ruled or _usable_locally(s)) for n in s.params.values()]
         if self.verifying:
             names += [n for s in served for n in s.params.values()]
-        return {**{n: self.params[n] for n in dict.fromkeys(names)},
+        return {**{n: self.used[n] for n in dict.fromkeys(names)},
                 **{f"proxy {p.name}": p.tensor for p in self.proxies}}
 
     def run(self) -> dict[str, Tensor]:
@@ -185,7 +205,7 @@ class _BatchPass:
         grads = run_and_stream(self.sites, self.objective, self.apply_rule, self.wanted)
         for site, reason in self.crashed:
             state.demote(site.path, site.module, MODULE_LOCAL, reason)
-        if self.crashed:
+        if agreed(state, self.since)[1]:
             raise _Demoted
         from_proxies = self._proxy_sums(grads)
         coverage = {n: RULE for s in self.sites if s.rule is not None for n in s.params.values()}
@@ -196,14 +216,18 @@ class _BatchPass:
         if self.verifying:
             _verify(self.ruled, [s for s in self.sites if _usable_locally(s)], self.params, self.signed, grads,
                     self.autocast, state)
+            if agreed(state, self.since)[1]:
+                raise _Demoted
             state.verified_on = self.structure
         used = {n: s for n, s in whole.items() if grads.get(n) is not None}
         for s in {id(s): s for s in used.values()}.values():
             if state.levels.get(s.path) != WHOLE_MODEL:  # a demotion was reported when it happened
                 state.warn(s.path, s.module, _whole_model_reason(s), WHOLE_MODEL)
-        if used:
-            self.sums.update(model_per_sample(self.model, self.x, {n: self.params[n] for n in used},
-                                              lambda out, _: self.of_output(out), self.batch))
+        if used:  # FSDP2: the whole model gathered for this moment (the fallback runs all of it per sample)
+            with sharding.model_unsharded(self.model):
+                live = dict(self.model.named_parameters())
+                self.sums.update(model_per_sample(self.model, self.x, {n: live[n] for n in used},
+                                                  lambda out, _: self.of_output(out), self.batch))
         coverage.update({n: WHOLE_MODEL for n in whole if n in used or n not in coverage})
         state.record_coverage(coverage)
         return self.sums
@@ -234,7 +258,8 @@ class _BatchPass:
             delivered = [s for s in usable if any(d is not None for _, deltas in s.local_calls for d in deltas)]
             if delivered:
                 demoted = any(self.state.levels.get(s.path) is not None for s in group)
-                self.sums.update(group_sums(delivered, self.params, self.batch,
+                values = self.whole([n for s in delivered for n in s.params.values()])
+                self.sums.update(group_sums(delivered, values, self.batch,
                                             self.signed if self.verifying else None, closed_form=not demoted))
             for s in delivered:
                 if self.state.levels.get(s.path) is None:  # demotions were reported when they happened
@@ -274,8 +299,7 @@ def _check_proxy(p: Proxy, from_proxy: Tensor, exact: Optional[Tensor], state: I
 
 def _verify(ruled: list[Site], local: list[Site], params: dict[str, Tensor], signed: dict[str, Tensor],
             grads: dict, autocast: list, state: ImportanceState) -> None:
-    """Demote every site whose Σ_k g_k disagrees with autograd (then compute the batch again)."""
-    failed = False
+    """Demote every site whose Σ_k g_k disagrees with autograd (the caller then computes the batch again)."""
     local_groups = groups(local)
     for s in ruled + local:
         rtol = _rtol(s, params, grads, autocast)
@@ -283,7 +307,6 @@ def _verify(ruled: list[Site], local: list[Site], params: dict[str, Tensor], sig
             why = mismatch(signed.get(n), grads.get(n), rtol)
             if why is None:
                 continue
-            failed = True
             if any(s is r for r in ruled):
                 state.demote(s.path, s.module, MODULE_LOCAL, f"its rule failed verification for {attr}: {why}")
             else:
@@ -293,8 +316,6 @@ def _verify(ruled: list[Site], local: list[Site], params: dict[str, Tensor], sig
                                  f"its module-local path failed verification for {attr}: {why} (the "
                                  "parameter is used outside the module's own forward)")
             break
-    if failed:
-        raise _Demoted
 
 
 __all__ = ["AmbiguousSamples", "ambiguous_sites", "per_sample_sums"]

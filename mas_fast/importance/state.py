@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import copy
 import sys
+import threading
 import warnings
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional
 
 import torch.nn as nn
 
@@ -39,6 +41,10 @@ class ImportanceState:
         self.warned: set[tuple[str, str]] = set()
         self.coverage: dict[str, str] = {}
         self._coverage_of_pass = False           # coverage holds a batch of the current pass
+
+    def decisions(self) -> tuple:
+        """What the ranks of a collective pass must agree on: demotions and refused expansions."""
+        return dict(self.levels), set(self.no_expand)
 
     def copy(self) -> "ImportanceState":
         """An independent copy (a dry run must not change the instance's state)."""
@@ -82,6 +88,46 @@ class ImportanceState:
                                module=caller)
 
 
+_collective = threading.local()
+
+
+@contextmanager
+def collective_pass(active: bool) -> Iterator[None]:
+    """Marks the passes run meanwhile as collective (every rank in step, FSDP2 under several ranks)."""
+    before, _collective.active = in_collective_pass(), active
+    try:
+        yield
+    finally:
+        _collective.active = before
+
+
+def in_collective_pass() -> bool:
+    """True inside `collective_pass(True)`."""
+    return getattr(_collective, "active", False)
+
+
+def agreed(state: ImportanceState, since: tuple, ambiguous: bool = False,
+           failed: Iterable[str] = ()) -> tuple[bool, bool, set[str]]:
+    """At a decision point of a pass: (whether any rank found a batch whose samples are ambiguous,
+    whether any rank's decisions changed since `since` (`state.decisions()`), every rank's
+    `failed` module paths). In a collective pass the ranks exchange them and every rank adopts the
+    union of the demotions (the slowest path per module) and refused expansions, so that all run
+    the same paths, and the same collectives, from here on; otherwise this rank's own."""
+    if in_collective_pass():
+        import torch.distributed as dist
+
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, (dict(state.levels), sorted(state.no_expand), ambiguous, sorted(failed)))
+        rank = {p: i for i, p in enumerate(PATHS)}
+        for levels, no_expand, _, _ in every:
+            for path, level in levels.items():
+                if rank[level] > rank.get(state.levels.get(path, RULE), 0):
+                    state.levels[path] = level
+            state.no_expand.update(no_expand)
+        ambiguous, failed = any(e[2] for e in every), {p for e in every for p in e[3]}
+    return ambiguous, state.decisions() != since, set(failed)
+
+
 def _caller() -> tuple[str, int, str]:
     """File, line and module of the first frame outside mas_fast (where the user called it)."""
     frame = sys._getframe(1)
@@ -92,4 +138,5 @@ def _caller() -> tuple[str, int, str]:
     return frame.f_code.co_filename, frame.f_lineno, frame.f_globals.get("__name__", "")
 
 
-__all__ = ["ImportanceState", "MODULE_LOCAL", "PATHS", "RULE", "WHOLE_MODEL", "describe"]
+__all__ = ["ImportanceState", "MODULE_LOCAL", "PATHS", "RULE", "WHOLE_MODEL", "agreed", "collective_pass", "describe",
+           "in_collective_pass"]
