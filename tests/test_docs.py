@@ -102,13 +102,16 @@ def _python_examples(page: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M)
 
 
-_EXAMPLES = _python_examples(DOCS / "integrations.md")
+_EXAMPLES = {f"integrations-{i}": code for i, code in enumerate(_python_examples(DOCS / "integrations.md"))}
+_EXAMPLES.update({f"readme-{i}": code for i, code in enumerate(_python_examples(README))
+                  if "init_process_group" in code})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("code", _EXAMPLES, ids=[f"integrations-{i}" for i in range(len(_EXAMPLES))])
+@pytest.mark.parametrize("code", list(_EXAMPLES.values()), ids=list(_EXAMPLES))
 def test_integration_examples_run(code, tmp_path):
-    """Every Python example of docs/integrations.md runs as written (DDP under torchrun, 2 ranks)."""
+    """Every Python example of docs/integrations.md, and the README's distributed ones, runs as
+    written (under torchrun at 2 ranks when it initialises a process group)."""
     for library in ("avalanche", "lightning"):
         if f"from {library}" in code or f"import {library}" in code:
             pytest.importorskip(library)
