@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from .cl.config import LAMBDA_GRID, PRESETS, SEARCH_SEED, Config
-from .cl.methods import METHODS, REGULARIZED
+from .cl.methods import METHODS, REGULARIZED, TEXT_METHODS
 from .cl.scenarios import SCENARIOS, SPLIT_PAIRS
 from .cl.text_data import TEXT_SCENARIO
 from .ops import BACKENDS
@@ -136,10 +136,11 @@ def run_search(config: Config, splits, args, device: torch.device, out: str) -> 
     chosen = {s: {m: v["best"] for m, v in pm.items()} for s, pm in found.items()}
     doc = {"preset": config.name, "seed": SEARCH_SEED, "grid": list(LAMBDA_GRID), "results": found}
     text = text_config(args)
-    if text is not None:
+    text_methods = [m for m in methods if m in TEXT_METHODS]
+    if text is not None and text_methods:
         from .cl.text import TEXT_LAMBDA_GRID, search_text_lambdas, text_search_table
 
-        found_text = search_text_lambdas(text, methods, device, args.backend, progress=not args.no_progress)
+        found_text = search_text_lambdas(text, text_methods, device, args.backend, progress=not args.no_progress)
         print(f"\nλ search, {TITLES[TEXT_SCENARIO]} ({text.name}): seed {SEARCH_SEED}, validation windows "
               "(Python loss reduction / prose forgetting in nats/byte, * = chosen)")
         print(text_search_table(found_text))
@@ -157,10 +158,11 @@ def run_demo(config: Config, splits, args, device: torch.device, out: str, start
     vision, text = vision_scenarios(args), text_config(args)
     runs = run_all(config, splits, vision, args.methods, device, args.backend,
                    progress=not args.no_progress) if vision else []
-    if text is not None:
+    text_methods = [m for m in args.methods if m in TEXT_METHODS]
+    if text is not None and text_methods:
         from .cl.text import run_text
 
-        runs += run_text(text, args.methods, device, args.backend, progress=not args.no_progress)
+        runs += run_text(text, text_methods, device, args.backend, progress=not args.no_progress)
     print_tables(runs, config.seeds)
     write_plots(runs, out)
     seconds = time.perf_counter() - started

@@ -4,6 +4,7 @@
 - joint: after task t, trains on the union of tasks 1..t (the upper bound).
 - mas_per_sample / mas_batch / mas_local: mas_fast.MAS in each importance mode.
 - ewc_online: online EWC with the exact per-sample diagonal Fisher (cl/ewc.py).
+- si: Synaptic Intelligence (cl/si.py), its path integral recorded around every step.
 
 The penalty gradient is added after `loss.backward()` (`add_penalty_grad_`), so the time
 it costs is measured on its own; importance is computed at the end of each task from the
@@ -19,11 +20,14 @@ import torch.nn.functional as F
 
 from ..regularizer import MAS
 from .ewc import OnlineEWC
+from .si import SynapticIntelligence
 
 Tensor = torch.Tensor
 IMPORTANCE_BATCH = 256
-METHODS = ("finetune", "joint", "mas_per_sample", "mas_batch", "mas_local", "ewc_online")
+METHODS = ("finetune", "joint", "mas_per_sample", "mas_batch", "mas_local", "ewc_online", "si")
 REGULARIZED = tuple(m for m in METHODS if m not in ("finetune", "joint"))
+# The text scenario trains its first task once for all methods, without SI's path integral.
+TEXT_METHODS = tuple(m for m in METHODS if m != "si")
 
 
 class Head:
@@ -44,6 +48,9 @@ class Method:
 
     def add_penalty_grad_(self) -> None:
         """Add the penalty's gradient to the parameters' `.grad` (after `loss.backward()`)."""
+
+    def after_step(self) -> None:
+        """Called after every `opt.step()` (SI records the step's parameter change)."""
 
     def end_task(self, x: Tensor, y: Tensor, columns: Tensor) -> None:
         """Consolidate after a task, from its float images `x` and labels `y`."""
@@ -99,6 +106,29 @@ class EWCMethod(Method):
         return self.ewc.fisher
 
 
+class SIMethod(Method):
+    """Synaptic Intelligence: `add_penalty_grad_` first snapshots θ and the loss gradient."""
+
+    penalised = True
+
+    def __init__(self, model: nn.Module, c: float, backend: str) -> None:
+        self.si = SynapticIntelligence(model, c=c, backend=backend)
+
+    def add_penalty_grad_(self) -> None:
+        self.si.begin_step()
+        self.si.add_penalty_grad_()
+
+    def after_step(self) -> None:
+        self.si.end_step()
+
+    def end_task(self, x: Tensor, y: Tensor, columns: Tensor) -> None:
+        self.si.consolidate()
+
+    @property
+    def importance(self) -> Mapping[str, Tensor]:
+        return self.si.importance
+
+
 def make_method(name: str, model: nn.Module, lambda_: float = 0.0, backend: str = "auto") -> Method:
     """The method `name` attached to `model` (λ is used by the regularised methods only)."""
     if name == "finetune":
@@ -109,4 +139,6 @@ def make_method(name: str, model: nn.Module, lambda_: float = 0.0, backend: str 
         return MASMethod(model, lambda_, name[len("mas_"):], backend)
     if name == "ewc_online":
         return EWCMethod(model, lambda_, backend)
+    if name == "si":
+        return SIMethod(model, lambda_, backend)
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
