@@ -111,15 +111,32 @@ class OnlineEWC:
         self._fisher = fisher
         self._theta_star = {n: params[n].detach().to(acc_dtype(params[n].dtype), copy=True) for n in fisher}
 
+    def penalty_terms(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Aligned lists (parameters, θ*, F), empty before the first consolidation (the fused
+        optimizers' protocol, mas_fast.optim.PenaltyRegularizer)."""
+        named = dict(self.model.named_parameters())
+        names = list(self._fisher)
+        return [named[n] for n in names], [self._theta_star[n] for n in names], [self._fisher[n] for n in names]
+
+    @property
+    def penalty_strength(self) -> float:
+        """λ/2, the factor of Σ F (θ − θ*)²."""
+        return self.lambda_ / 2
+
+    @property
+    def penalty_backend(self) -> str:
+        """The backend of the penalty and of the fused optimizer steps."""
+        return self.backend
+
     def add_penalty_grad_(self) -> Tensor:
         """After `loss.backward()`: p.grad += λ F (θ − θ*); returns the penalty value."""
         if not self._fisher:
             return torch.zeros(())
-        named = dict(self.model.named_parameters())
-        names = [n for n in self._fisher if named[n].requires_grad]
-        params = [named[n] for n in names]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        return ops.penalty_and_grad_(params, [p.grad for p in params], [self._theta_star[n] for n in names],
-                                     [self._fisher[n] for n in names], self.lambda_ / 2, backend=self.backend)
+        params, theta_star, fisher = self.penalty_terms()
+        keep = [i for i, p in enumerate(params) if p.requires_grad]
+        for i in keep:
+            if params[i].grad is None:
+                params[i].grad = torch.zeros_like(params[i])
+        return ops.penalty_and_grad_([params[i] for i in keep], [params[i].grad for i in keep],
+                                     [theta_star[i] for i in keep], [fisher[i] for i in keep],
+                                     self.penalty_strength, backend=self.backend)

@@ -187,10 +187,10 @@ class SynapticIntelligence:
         """
         if self._step is not None:
             raise RuntimeError("consolidate() between begin_step() and end_step()")
+        names, params = self._aligned()
         if self.steps == 0:
             raise RuntimeError("no optimizer step was recorded in this task: call begin_step() / "
                                "end_step() around every opt.step()")
-        names, params = self._aligned()
         theta = [p.detach().to(self._theta_star[n].dtype, copy=True) for n, p in zip(names, params)]
         denom = torch._foreach_sub(theta, [self._theta_star[n] for n in names])
         torch._foreach_mul_(denom, denom)
