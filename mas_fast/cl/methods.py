@@ -6,6 +6,10 @@
 - ewc_online: online EWC with the exact per-sample diagonal Fisher (cl/ewc.py).
 - si: Synaptic Intelligence (cl/si.py), its path integral recorded around every step.
 
+`make_method` also builds VARIANTS, which the demo does not run: "mas_hsu", MAS in Hsu et
+al.'s convention (importance per batch of 128, their batch size), for running their published
+λ (cl/hsu2018.py).
+
 The penalty gradient is added after `loss.backward()` (`add_penalty_grad_`), so the time
 it costs is measured on its own; importance is computed at the end of each task from the
 task's training images (labels only for EWC's Fisher).
@@ -26,6 +30,8 @@ Tensor = torch.Tensor
 IMPORTANCE_BATCH = 256
 METHODS = ("finetune", "joint", "mas_per_sample", "mas_batch", "mas_local", "ewc_online", "si")
 REGULARIZED = tuple(m for m in METHODS if m not in ("finetune", "joint"))
+VARIANTS = ("mas_hsu",)
+HSU_IMPORTANCE_BATCH = 128
 # The text scenario trains its first task once for all methods, without SI's path integral.
 TEXT_METHODS = tuple(m for m in METHODS if m != "si")
 
@@ -68,16 +74,19 @@ class Joint(Method):
 class MASMethod(Method):
     penalised = True
 
-    def __init__(self, model: nn.Module, lambda_: float, mode: str, backend: str) -> None:
+    def __init__(self, model: nn.Module, lambda_: float, mode: str, backend: str, convention: str = "paper",
+                 importance_batch: int = IMPORTANCE_BATCH) -> None:
         self.head = Head(torch.zeros(0, dtype=torch.long))
-        self.mas = MAS(model, lambda_=lambda_, mode=mode, output_fn=self.head, backend=backend)
+        self.mas = MAS(model, lambda_=lambda_, mode=mode, output_fn=self.head, backend=backend,
+                       convention=convention)
+        self.importance_batch = importance_batch
 
     def add_penalty_grad_(self) -> None:
         self.mas.add_penalty_grad_()
 
     def end_task(self, x: Tensor, y: Tensor, columns: Tensor) -> None:
         self.head.columns = columns
-        self.mas.consolidate(x.split(IMPORTANCE_BATCH), progress=False)
+        self.mas.consolidate(x.split(self.importance_batch), progress=False)
 
     @property
     def importance(self) -> Mapping[str, Tensor]:
@@ -141,4 +150,6 @@ def make_method(name: str, model: nn.Module, lambda_: float = 0.0, backend: str 
         return EWCMethod(model, lambda_, backend)
     if name == "si":
         return SIMethod(model, lambda_, backend)
-    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+    if name == "mas_hsu":
+        return MASMethod(model, lambda_, "batch", backend, convention="hsu", importance_batch=HSU_IMPORTANCE_BATCH)
+    raise ValueError(f"unknown method {name!r}; choose from {METHODS + VARIANTS}")
