@@ -16,7 +16,7 @@ def test_mas_hsu_is_mas_in_hsus_convention():
 
 
 def test_unknown_method_names_the_choices():
-    with pytest.raises(ValueError, match="unknown method 'mas_hsu2'.*'si', 'mas_hsu'"):
+    with pytest.raises(ValueError, match="unknown method 'mas_hsu2'.*'si', 'mas_hsu', 'ewc'"):
         make_method("mas_hsu2", mlp((8,), 10))
 
 
@@ -27,4 +27,5 @@ def test_tiny_run_prints_their_lambda_and_ours(capsys):
     assert rows["mas_hsu"][1:3] == ["10000", "10000"]
     assert rows["si"][1:3] == ["3000", "3000"]
     assert rows["ewc_online"][1:3] == ["700", "1400"]  # their reg_coef·ΣF(θ−θ*)², our (λ/2)·ΣF(θ−θ*)²
-    assert all(0.0 <= float(rows[m][3]) <= 100.0 for m in ("mas_hsu", "si", "ewc_online"))
+    assert rows["ewc"][1:3] == ["100", "200"]
+    assert all(0.0 <= float(rows[m][3]) <= 100.0 for m in ("mas_hsu", "si", "ewc_online", "ewc"))

@@ -9,8 +9,9 @@ scripts/split_MNIST_incremental_{task,domain,class}.sh (GT-RIPL/Continual-Learni
 - mas_hsu: MAS(convention="hsu"): Ω = |∇ mean over batch and outputs of F²|, averaged over
   batches of 128; penalty reg_coef · Σ Ω (θ − θ*)², so λ = reg_coef.
 - si: their SI is ours (ω, Ω, ξ = 0.1, penalty c Σ Ω (θ − θ*)²), so c = reg_coef.
-- ewc_online: their penalty is reg_coef · Σ F (θ − θ*)², ours (λ/2) Σ F (θ − θ*)², so
-  λ = 2 · reg_coef. Their Fisher takes the model's predicted labels, ours the true ones.
+- ewc_online and ewc (one penalty per task): their penalty is reg_coef · Σ F (θ − θ*)², ours
+  (λ/2) Σ F (θ − θ*)², so λ = 2 · reg_coef. Their Fisher takes the model's predicted labels,
+  ours the true ones.
 
 It prints, per scenario, their λ, ours, and ACC / BWT on the test digits (mean ± std over
 seeds); docs/baselines.md puts them next to the searched λ and Hsu et al.'s numbers.
@@ -30,14 +31,14 @@ from .report import TITLES, text_table
 from .scenarios import SCENARIOS
 from .train import RunResult, run
 
-# scripts/split_MNIST_incremental_*.sh: --reg_coef of MAS, SI and EWC_online_mnist.
+# scripts/split_MNIST_incremental_*.sh: --reg_coef of MAS, SI, EWC_online_mnist and EWC_mnist.
 HSU_REG_COEF = {
-    "split-task": {"mas_hsu": 1.0, "si": 300.0, "ewc_online": 400.0},
-    "split-domain": {"mas_hsu": 10000.0, "si": 3000.0, "ewc_online": 700.0},
-    "split-class": {"mas_hsu": 1.0, "si": 600.0, "ewc_online": 100.0},
+    "split-task": {"mas_hsu": 1.0, "si": 300.0, "ewc_online": 400.0, "ewc": 100.0},
+    "split-domain": {"mas_hsu": 10000.0, "si": 3000.0, "ewc_online": 700.0, "ewc": 100.0},
+    "split-class": {"mas_hsu": 1.0, "si": 600.0, "ewc_online": 100.0, "ewc": 600.0},
 }
 # Our λ per unit of their reg_coef (the factor of Σ Ω (θ − θ*)² in each penalty).
-LAMBDA_PER_REG_COEF = {"mas_hsu": 1.0, "si": 1.0, "ewc_online": 2.0}
+LAMBDA_PER_REG_COEF = {"mas_hsu": 1.0, "si": 1.0, "ewc_online": 2.0, "ewc": 2.0}
 
 
 def published_runs(config: Config, scenarios: Sequence[str], device: torch.device,

@@ -6,9 +6,9 @@
 - ewc_online: online EWC with the exact per-sample diagonal Fisher (cl/ewc.py).
 - si: Synaptic Intelligence (cl/si.py), its path integral recorded around every step.
 
-`make_method` also builds VARIANTS, which the demo does not run: "mas_hsu", MAS in Hsu et
-al.'s convention (importance per batch of 128, their batch size), for running their published
-λ (cl/hsu2018.py).
+`make_method` also builds VARIANTS, which the demo does not run, for the comparison with Hsu
+et al. 2018 (cl/hsu2018.py, docs/baselines.md): "mas_hsu", MAS in their convention (importance
+per batch of 128, their batch size), and "ewc", EWC with one penalty per task (cl/ewc.py).
 
 The penalty gradient is added after `loss.backward()` (`add_penalty_grad_`), so the time
 it costs is measured on its own; importance is computed at the end of each task from the
@@ -23,14 +23,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..regularizer import MAS
-from .ewc import OnlineEWC
+from .ewc import EWC, OnlineEWC
 from .si import SynapticIntelligence
 
 Tensor = torch.Tensor
 IMPORTANCE_BATCH = 256
 METHODS = ("finetune", "joint", "mas_per_sample", "mas_batch", "mas_local", "ewc_online", "si")
 REGULARIZED = tuple(m for m in METHODS if m not in ("finetune", "joint"))
-VARIANTS = ("mas_hsu",)
+VARIANTS = ("mas_hsu", "ewc")
 HSU_IMPORTANCE_BATCH = 128
 # The text scenario trains its first task once for all methods, without SI's path integral.
 TEXT_METHODS = tuple(m for m in METHODS if m != "si")
@@ -94,11 +94,13 @@ class MASMethod(Method):
 
 
 class EWCMethod(Method):
+    """Online EWC, or EWC with one penalty per task (`per_task`)."""
+
     penalised = True
 
-    def __init__(self, model: nn.Module, lambda_: float, backend: str) -> None:
+    def __init__(self, model: nn.Module, lambda_: float, backend: str, per_task: bool = False) -> None:
         self.head = Head(torch.zeros(0, dtype=torch.long))
-        self.ewc = OnlineEWC(model, lambda_, self._loss, backend=backend)
+        self.ewc = (EWC if per_task else OnlineEWC)(model, lambda_, self._loss, backend=backend)
 
     def _loss(self, output: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(self.head(output), y, reduction="sum")
@@ -150,6 +152,8 @@ def make_method(name: str, model: nn.Module, lambda_: float = 0.0, backend: str 
         return EWCMethod(model, lambda_, backend)
     if name == "si":
         return SIMethod(model, lambda_, backend)
+    if name == "ewc":
+        return EWCMethod(model, lambda_, backend, per_task=True)
     if name == "mas_hsu":
         return MASMethod(model, lambda_, "batch", backend, convention="hsu", importance_batch=HSU_IMPORTANCE_BATCH)
     raise ValueError(f"unknown method {name!r}; choose from {METHODS + VARIANTS}")
