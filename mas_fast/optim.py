@@ -158,10 +158,10 @@ class SGD(_MASOptimizer):
     """torch.optim.SGD (momentum, dampening, nesterov, weight_decay, maximize) + MAS penalty.
 
     Args: as torch.optim.SGD, plus `regularizer` (a mas_fast.MAS, or any PenaltyRegularizer,
-    whose penalty is folded in, or None for a plain SGD), `penalty_step` ("gradient": the step on g + 2λΩ(θ−θ*), equal to
-    `loss + mas.penalty()`; "proximal": θ ← θ* + (θ' − θ*) / (1 + 2·lr·λΩ) after the loss-only
-    step θ', the momentum buffer holding the loss direction only) and `backend` (default: the
-    regularizer's, else "auto").
+    whose penalty is folded in, or None for a plain SGD), `penalty_step` ("gradient": the step
+    on g + 2λΩ(θ−θ*), equal to `loss + mas.penalty()`; "proximal": θ ← θ* + (θ' − θ*) /
+    (1 + 2·lr·λΩ) after the loss-only step θ', the momentum buffer holding the loss direction
+    only) and `backend` (default: the regularizer's, else "auto").
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
@@ -279,8 +279,8 @@ class AdamW(Adam):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False, regularizer: Optional[PenaltyRegularizer] = None, penalty_step: str = "gradient",
-                 backend: Optional[str] = None) -> None:
+                 maximize: bool = False, regularizer: Optional[PenaltyRegularizer] = None,
+                 penalty_step: str = "gradient", backend: Optional[str] = None) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=True, regularizer=regularizer, penalty_step=penalty_step,
                          backend=backend)
