@@ -420,3 +420,20 @@ def test_text_scenario_refuses_si():
 
     with pytest.raises(ValueError, match=r"methods \['si'\] do not run on the text scenario"):
         run_variants(TEXT_PRESETS["default"], [("si", 1.0)], 0, torch.device("cpu"))
+
+
+def test_demo_training_loop_drives_si():
+    """cl/train.py opens each step through add_penalty_grad_ and closes it with after_step: SI
+    consolidates after every task, and at a large c it forgets less than fine-tuning."""
+    from mas_fast.cl.config import PRESETS
+    from mas_fast.cl.data import load_splits
+    from mas_fast.cl.experiment import scenario_for
+    from mas_fast.cl.metrics import summarise
+    from mas_fast.cl.train import run
+
+    config = PRESETS["default"].with_overrides(epochs=1, hidden=(16,), split_tasks=2)
+    scenario = scenario_for("split-domain", load_splits(), config, 0, torch.device("cpu"))
+    finetune = summarise(run(scenario, "finetune", config, 0).R)
+    si = run(scenario, "si", config, 0, lambda_=1e4)
+    assert si.importance and all(bool(torch.isfinite(o).all()) for o in si.importance.values())
+    assert summarise(si.R)["bwt"] > finetune["bwt"]
