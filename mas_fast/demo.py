@@ -3,9 +3,9 @@
 Runs Split-MNIST (task- and domain-incremental), Permuted-MNIST and a text scenario (a
 byte-level GPT learns English prose, then Python source, both shipped with Python) with
 fine-tuning, joint training, MAS (per_sample, batch, local), online EWC and Synaptic
-Intelligence (MNIST scenarios only) over several seeds; prints ACC, BWT, forgetting (text: per-domain loss, perplexity, the first domain's
-loss rise) and the time spent training, in importance passes and in the penalty; writes
-results.json and PNG plots into the folder named in the last line printed.
+Intelligence (MNIST scenarios only) over several seeds; prints ACC, BWT, forgetting (text:
+per-domain loss, perplexity, the first domain's loss rise) and the time spent training, in
+importance passes and in the penalty; writes results.json and PNG plots into the folder named in the last line printed.
 `--search-lambda` runs the validation-set λ search that chose the presets' λ values.
 """
 from __future__ import annotations

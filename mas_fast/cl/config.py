@@ -56,10 +56,11 @@ PRESETS = {
         name="hsu2018", hidden=(400, 400), epochs=4, batch_size=128, lr=1e-3,
         split_tasks=5, permuted_tasks=10, seeds=(0, 1, 2),
         lambdas={  # `--search-lambda --preset hsu2018`
-            "split-task": {"mas_per_sample": 0.1, "mas_batch": 0.1, "mas_local": 0.1, "ewc_online": 1000.0},
+            "split-task": {"mas_per_sample": 0.1, "mas_batch": 0.1, "mas_local": 0.1, "ewc_online": 1000.0,
+                           "si": 10 ** 2.5},
             "split-domain": {"mas_per_sample": 10 ** 0.5, "mas_batch": 10 ** 0.5, "mas_local": 1.0,
-                             "ewc_online": 1e5},
+                             "ewc_online": 1e5, "si": 10 ** 3.5},
             "permuted": {"mas_per_sample": 10 ** -1.5, "mas_batch": 10 ** -1.5, "mas_local": 10 ** -1.5,
-                         "ewc_online": 10 ** 2.5},
+                         "ewc_online": 10 ** 2.5, "si": 10 ** 1.5},
         }),
 }
