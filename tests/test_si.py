@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backends import usable_backends
+from backends import combos, usable_backends
 from mas_fast import MAS, optim
 from mas_fast.cl.ewc import OnlineEWC
 from mas_fast.cl.methods import SIMethod, make_method
@@ -144,24 +144,27 @@ def assert_states_close(ours: list[dict], theirs: list[dict], model: nn.Module, 
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=lambda m: f"θ[{n}]: {m}")
 
 
+PENALTY_BACKENDS = [(c.backend, c.device) for c in combos(["penalty_and_grad_"])]
+
+
 @pytest.mark.parametrize("nonnegative", [False, True])
-@pytest.mark.parametrize("dtype,make_opt,backend",
-                         [(torch.float32, adam, b) for b in usable_backends()]
-                         + [(torch.float64, overshooting_adam, "auto")],  # the kernels take fp32 only
-                         ids=[f"float32-{b}" for b in usable_backends()] + ["float64-overshooting-auto"])
-def test_matches_hsu_reference_over_tasks(nonnegative, dtype, make_opt, backend):
+@pytest.mark.parametrize("dtype,make_opt,backend,device",
+                         [(torch.float32, adam, b, d) for b, d in PENALTY_BACKENDS]
+                         + [(torch.float64, overshooting_adam, "auto", "cpu")],  # the kernels take fp32 only
+                         ids=[f"float32-{b}-{d}" for b, d in PENALTY_BACKENDS] + ["float64-overshooting-auto"])
+def test_matches_hsu_reference_over_tasks(nonnegative, dtype, make_opt, backend, device):
     torch.manual_seed(0)
-    model = MultiHead().to(dtype)
+    model = MultiHead().to(device, dtype)
     other = copy.deepcopy(model)
     si = SynapticIntelligence(model, c=2.0, nonnegative=nonnegative, backend=backend)
     oracle = HsuSI(other, reg_coef=2.0, relu=nonnegative)
-    data = [[(x.to(dtype), y) for x, y in task] for task in batches()]
+    data = [[(x.to(device, dtype), y.to(device)) for x, y in task] for task in batches()]
     ours, theirs = train_ours(model, si, data, make_opt), train_oracle(other, oracle, data, make_opt)
     assert_states_close(ours, theirs, model, other)
     # The penalty moved the protected parameters: the test is not trivially fine-tuning.
     assert max(o.abs().max().item() for o in ours[-1].values()) > 0.01
     # Head 1 never moved in task 0 (no gradient): Δ = 0 and ω = 0 give Ω = 0, not 0/0.
-    assert torch.equal(ours[0]["heads.1.weight"], torch.zeros(2, 12, dtype=dtype))
+    assert torch.equal(ours[0]["heads.1.weight"], torch.zeros(2, 12, dtype=dtype, device=device))
     if make_opt is overshooting_adam:  # uphill steps: Hsu's Ω goes negative, pathint's is clipped
         assert any(bool((o < 0).any()) for o in ours[-1].values()) != nonnegative
 
