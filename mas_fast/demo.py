@@ -1,11 +1,12 @@
 """`python -m mas_fast demo`: continual learning on real data, fine-tuning vs MAS.
 
-Runs Split-MNIST (task- and domain-incremental), Permuted-MNIST and a text scenario (a
-byte-level GPT learns English prose, then Python source, both shipped with Python) with
-fine-tuning, joint training, MAS (per_sample, batch, local), online EWC and Synaptic
-Intelligence (MNIST scenarios only) over several seeds; prints ACC, BWT, forgetting (text:
-per-domain loss, perplexity, the first domain's loss rise) and the time spent training, in
-importance passes and in the penalty; writes results.json and PNG plots into the folder named in the last line printed.
+Runs Split-MNIST (task-, domain- and class-incremental), Permuted-MNIST, Rotated-MNIST and a
+text scenario (a byte-level GPT learns English prose, then Python source, both shipped with
+Python) with fine-tuning, joint training, MAS (per_sample, batch, local), online EWC and
+Synaptic Intelligence (MNIST scenarios only) over several seeds; prints ACC, BWT, forgetting
+(text: per-domain loss, perplexity, the first domain's loss rise) and the time spent training,
+in importance passes and in the penalty; writes results.json and PNG plots into the folder
+named in the last line printed.
 `--search-lambda` runs the validation-set λ search that chose the presets' λ values.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=tuple(PRESETS), default="default",
                    help="default: fast 2-core CPU setup; hsu2018: MLP 2×400, Adam 1e-3, batch 128, "
-                        "4 epochs, 10 permutations (Hsu et al. 2018)")
+                        "4 epochs, 10 permuted / rotated tasks (Hsu et al. 2018)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the preset's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
     p.add_argument("--scenarios", nargs="+", choices=(*SCENARIOS, TEXT_SCENARIO),

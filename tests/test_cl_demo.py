@@ -18,7 +18,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def test_tiny_demo_writes_tables_json_and_plots(tmp_path, capsys):
     methods = ["finetune", "joint", "mas_per_sample", "ewc_online"]
     threads = torch.get_num_threads()
-    assert main(["--scenarios", "split-domain", "permuted", "--methods", *methods, "--seeds", "0", "1",
+    scenarios = ["split-domain", "split-class", "permuted", "rotated"]
+    assert main(["--scenarios", *scenarios, "--methods", *methods, "--seeds", "0", "1",
                  "--out", str(tmp_path), *TINY]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"output: {tmp_path}"
@@ -26,7 +27,7 @@ def test_tiny_demo_writes_tables_json_and_plots(tmp_path, capsys):
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["config"]["epochs"] == 1 and doc["config"]["seeds"] == [0, 1]
     assert doc["cpu_threads"] == 1 and torch.get_num_threads() == threads  # restored after the run
-    assert set(doc["scenarios"]) == {"split-domain", "permuted"}
+    assert list(doc["scenarios"]) == scenarios
     for scenario, per_method in doc["scenarios"].items():
         assert list(per_method) == methods
         for method, entry in per_method.items():
@@ -40,8 +41,7 @@ def test_tiny_demo_writes_tables_json_and_plots(tmp_path, capsys):
             assert set(entry["summary"]) >= {"acc", "bwt", "forgetting", "train_s", "importance_s", "penalty_s"}
         assert per_method["finetune"]["summary"]["penalty_s"]["mean"] == 0.0
         assert per_method["mas_per_sample"]["summary"]["importance_s"]["mean"] > 0.0
-    for name in ("accuracy_curves", "accuracy_matrix_split-domain", "accuracy_matrix_permuted",
-                 "importance_split-domain", "importance_permuted"):
+    for name in ["accuracy_curves", *(f"{kind}_{s}" for s in scenarios for kind in ("accuracy_matrix", "importance"))]:
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == PNG, name
 
 

@@ -22,7 +22,7 @@ class Config:
     batch_size: int
     lr: float                  # Adam's learning rate
     split_tasks: int
-    permuted_tasks: int
+    permuted_tasks: int        # Permuted- and Rotated-MNIST
     seeds: tuple[int, ...]
     lambdas: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -49,6 +49,10 @@ PRESETS = {
                              "ewc_online": 10 ** 4.5, "si": 10 ** 3.5},
             "permuted": {"mas_per_sample": 10 ** -0.5, "mas_batch": 10 ** -0.5, "mas_local": 10 ** -0.5,
                          "ewc_online": 1000.0, "si": 10 ** 2.5},
+            "split-class": {"mas_per_sample": 100.0, "mas_batch": 100.0, "mas_local": 10.0, "ewc_online": 1e5,
+                            "si": 1e5},
+            "rotated": {"mas_per_sample": 10 ** -0.5, "mas_batch": 10 ** -0.5, "mas_local": 10 ** -0.5,
+                        "ewc_online": 1000.0},
         }),
     # Hsu, Liu, Ramasamy & Kira 2018, "Re-evaluating continual learning scenarios":
     # MLP 2×400, Adam lr 1e-3, batch 128, 4 epochs per task, Permuted-MNIST with 10 tasks.

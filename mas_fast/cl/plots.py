@@ -14,6 +14,7 @@ from .train import RunResult
 # What R holds → (scale, label of R, label of the seen-task curve); losses use the data's range.
 STYLES = {"accuracy": (100.0, "accuracy (%)", "mean accuracy on seen tasks (%)"),
           "loss": (1.0, "test loss (nats/byte)", "mean test loss on seen tasks (nats/byte)")}
+CURVE_COLUMNS = 3  # scenarios per row of the accuracy-curve figure
 
 
 def pyplot():
@@ -58,8 +59,12 @@ def accuracy_curves(runs: Sequence[RunResult], path: str) -> None:
     """Per scenario: mean accuracy (text: loss) over the tasks seen so far, after each task (mean ± std)."""
     plt = pyplot()
     grouped = group(runs)
-    fig, axes = plt.subplots(1, len(grouped), figsize=(5 * len(grouped), 3.8), squeeze=False)
-    for ax, (scenario, method_runs) in zip(axes[0], grouped.items()):
+    cols = min(len(grouped), CURVE_COLUMNS)
+    rows = -(-len(grouped) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(grouped):]:
+        ax.set_visible(False)
+    for ax, (scenario, method_runs) in zip(axes.flat, grouped.items()):
         scale, _, ylabel = STYLES[next(iter(method_runs.values()))[0].metric]
         for method, rs in method_runs.items():
             curves = scale * np.array([seen_task_accuracy(r.R) for r in rs])
@@ -72,7 +77,7 @@ def accuracy_curves(runs: Sequence[RunResult], path: str) -> None:
         ax.set_xticks(x)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="lower left")
+    axes.flat[len(grouped) - 1].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

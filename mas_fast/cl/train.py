@@ -69,7 +69,8 @@ def mlp(hidden: Sequence[int], outputs: int) -> nn.Sequential:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: TaskData, columns: Tensor) -> float:
-    """Fraction of `data` classified correctly, reading each sample's task columns."""
+    """Fraction of `data` classified correctly: the argmax over the units `columns[task]` of
+    each sample's task (one stage's table of `Scenario.columns`)."""
     was_training = model.training
     model.eval()
     correct = 0
@@ -82,7 +83,9 @@ def accuracy(model: nn.Module, data: TaskData, columns: Tensor) -> float:
 
 def train_task(model: nn.Module, data: TaskData, columns: Tensor, method: Method, config: Config,
                generator: torch.Generator, penalty_clock: Stopwatch) -> None:
-    """`config.epochs` passes over `data` in shuffled mini-batches: loss, backward, penalty grad, step."""
+    """`config.epochs` passes over `data` in shuffled mini-batches: loss, backward, penalty grad, step.
+
+    `columns` is the current stage's table: the loss reads each sample's task units."""
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     for _ in range(config.epochs):
@@ -106,7 +109,7 @@ def run(scenario: Scenario, method_name: str, config: Config, seed: int, lambda_
     The seed fixes the initial weights and the mini-batch order, so every method of a seed
     starts from the same network and sees the same batches.
     """
-    device = scenario.columns.device
+    device = scenario.device
     torch.manual_seed(seed)
     model = mlp(config.hidden, scenario.outputs).to(device)
     method = make_method(method_name, model, lambda_, backend)
@@ -117,10 +120,10 @@ def run(scenario: Scenario, method_name: str, config: Config, seed: int, lambda_
     for t, task in enumerate(tasks):
         data = TaskData.concat([u.train for u in tasks[:t + 1]]) if method.joint else task.train
         with train_clock:
-            train_task(model, data, scenario.columns, method, config, generator, penalty_clock)
+            train_task(model, data, scenario.columns[t], method, config, generator, penalty_clock)
         with importance_clock:
-            method.end_task(task.train.inputs(), task.train.y, scenario.columns[t])
-        R[t] = [accuracy(model, u.eval, scenario.columns) for u in tasks]
+            method.end_task(task.train.inputs(), task.train.y, scenario.columns[t][t])
+        R[t] = [accuracy(model, u.eval, scenario.columns[t]) for u in tasks]
         if on_task is not None:
             on_task()
     importance = {n: v.detach().cpu() for n, v in method.importance.items()}
