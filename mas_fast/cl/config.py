@@ -66,5 +66,6 @@ PRESETS = {
                              "ewc_online": 1e5, "si": 10 ** 3.5},
             "permuted": {"mas_per_sample": 10 ** -1.5, "mas_batch": 10 ** -1.5, "mas_local": 10 ** -1.5,
                          "ewc_online": 10 ** 2.5, "si": 10 ** 1.5},
+            "split-class": {"si": 1000.0},
         }),
 }
