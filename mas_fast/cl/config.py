@@ -52,7 +52,7 @@ PRESETS = {
             "split-class": {"mas_per_sample": 100.0, "mas_batch": 100.0, "mas_local": 10.0, "ewc_online": 1e5,
                             "si": 1e5},
             "rotated": {"mas_per_sample": 10 ** -0.5, "mas_batch": 10 ** -0.5, "mas_local": 10 ** -0.5,
-                        "ewc_online": 1000.0},
+                        "ewc_online": 1000.0, "si": 10 ** 2.5},
         }),
     # Hsu, Liu, Ramasamy & Kira 2018, "Re-evaluating continual learning scenarios":
     # MLP 2×400, Adam lr 1e-3, batch 128, 4 epochs per task, Permuted-MNIST with 10 tasks.
