@@ -1,11 +1,12 @@
 """`python -m mas_fast demo`: continual learning on real data, fine-tuning vs MAS.
 
 Runs Split-MNIST (task-, domain- and class-incremental), Permuted-MNIST, Rotated-MNIST and a
-text scenario (a byte-level GPT learns English prose, then Python source, both shipped with Python) with
-fine-tuning, joint training, MAS (per_sample, batch, local) and online EWC over several
-seeds; prints ACC, BWT, forgetting (text: per-domain loss, perplexity, the first domain's
-loss rise) and the time spent training, in importance passes and in the penalty; writes
-results.json and PNG plots into the folder named in the last line printed.
+text scenario (a byte-level GPT learns English prose, then Python source, both shipped with
+Python) with fine-tuning, joint training, MAS (per_sample, batch, local), online EWC and
+Synaptic Intelligence (MNIST scenarios only) over several seeds; prints ACC, BWT, forgetting
+(text: per-domain loss, perplexity, the first domain's loss rise) and the time spent training,
+in importance passes and in the penalty; writes results.json and PNG plots into the folder
+named in the last line printed.
 `--search-lambda` runs the validation-set λ search that chose the presets' λ values.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from .cl.config import LAMBDA_GRID, PRESETS, SEARCH_SEED, Config
-from .cl.methods import METHODS, REGULARIZED
+from .cl.methods import METHODS, REGULARIZED, TEXT_METHODS
 from .cl.scenarios import SCENARIOS, SPLIT_PAIRS
 from .cl.text_data import TEXT_SCENARIO
 from .ops import BACKENDS
@@ -136,10 +137,11 @@ def run_search(config: Config, splits, args, device: torch.device, out: str) -> 
     chosen = {s: {m: v["best"] for m, v in pm.items()} for s, pm in found.items()}
     doc = {"preset": config.name, "seed": SEARCH_SEED, "grid": list(LAMBDA_GRID), "results": found}
     text = text_config(args)
-    if text is not None:
+    text_methods = [m for m in methods if m in TEXT_METHODS]
+    if text is not None and text_methods:
         from .cl.text import TEXT_LAMBDA_GRID, search_text_lambdas, text_search_table
 
-        found_text = search_text_lambdas(text, methods, device, args.backend, progress=not args.no_progress)
+        found_text = search_text_lambdas(text, text_methods, device, args.backend, progress=not args.no_progress)
         print(f"\nλ search, {TITLES[TEXT_SCENARIO]} ({text.name}): seed {SEARCH_SEED}, validation windows "
               "(Python loss reduction / prose forgetting in nats/byte, * = chosen)")
         print(text_search_table(found_text))
@@ -157,10 +159,11 @@ def run_demo(config: Config, splits, args, device: torch.device, out: str, start
     vision, text = vision_scenarios(args), text_config(args)
     runs = run_all(config, splits, vision, args.methods, device, args.backend,
                    progress=not args.no_progress) if vision else []
-    if text is not None:
+    text_methods = [m for m in args.methods if m in TEXT_METHODS]
+    if text is not None and text_methods:
         from .cl.text import run_text
 
-        runs += run_text(text, args.methods, device, args.backend, progress=not args.no_progress)
+        runs += run_text(text, text_methods, device, args.backend, progress=not args.no_progress)
     print_tables(runs, config.seeds)
     write_plots(runs, out)
     seconds = time.perf_counter() - started

@@ -21,22 +21,53 @@ exact minimiser of λΩ(θ−θ*)² + (θ−θ')²/(2·lr). It is stable for any
 step diverges once 2·lr·λΩ > 2) and, under Adam, its strength does not depend on the second
 moment of the loss gradient; the optimizer state (momentum buffer, Adam moments) holds the
 loss gradient's history only. See docs/kernels.md.
+
+`regularizer` is anything with MAS's penalty form λΣΩ(θ−θ*)² that implements
+`PenaltyRegularizer`: mas_fast.MAS, mas_fast.cl.si.SynapticIntelligence and
+mas_fast.cl.ewc.OnlineEWC do.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import torch
 
 from . import ops
 from .ops.optim_config import check_penalty_step
 from .sharding import on_local_shards, split_by_sharding, sum_over_ranks
-from .regularizer import MAS
 
 Tensor = torch.Tensor
 
-__all__ = ["SGD", "Adam", "AdamW"]
+__all__ = ["SGD", "Adam", "AdamW", "PenaltyRegularizer"]
+
+
+class PenaltyRegularizer(Protocol):
+    """What the fused optimizers read of a regularizer whose penalty is λ Σ Ω (θ − θ*)²."""
+
+    def penalty_terms(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Aligned lists (parameters, θ*, Ω) of the penalised parameters; empty for no penalty."""
+
+    @property
+    def penalty_strength(self) -> float:
+        """λ, the factor of Σ Ω (θ − θ*)²."""
+
+    @property
+    def penalty_backend(self) -> str:
+        """The mas_fast.ops backend of the fused step when the optimizer is given none."""
+
+
+def _check_regularizer(regularizer: Any) -> None:
+    """TypeError naming what `regularizer` lacks of PenaltyRegularizer (None is fine)."""
+    if regularizer is None:
+        return
+    missing = [name for name in ("penalty_terms", "penalty_strength", "penalty_backend")
+               if not hasattr(regularizer, name)]
+    if not missing and not callable(regularizer.penalty_terms):
+        missing = ["penalty_terms (not callable)"]
+    if missing:
+        raise TypeError(f"regularizer must implement mas_fast.optim.PenaltyRegularizer (e.g. a mas_fast.MAS) "
+                        f"or be None; {type(regularizer).__name__} lacks: {', '.join(missing)}")
 
 
 def _check_number(name: str, value: Any, low: float = 0.0, high: Optional[float] = None) -> None:
@@ -50,10 +81,9 @@ def _check_number(name: str, value: Any, low: float = 0.0, high: Optional[float]
 class _MASOptimizer(torch.optim.Optimizer):
     """Splits each param group into MAS-covered and plain tensors and calls `_step_tensors`."""
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], regularizer: Optional[MAS],
+    def __init__(self, params: Iterable, defaults: dict[str, Any], regularizer: Optional[PenaltyRegularizer],
                  backend: Optional[str]) -> None:
-        if regularizer is not None and not isinstance(regularizer, MAS):
-            raise TypeError(f"regularizer must be a mas_fast.MAS or None, got {type(regularizer).__name__}")
+        _check_regularizer(regularizer)
         self.regularizer = regularizer
         self.backend = ops.check_backend(backend if backend is not None else
                                          regularizer.penalty_backend if regularizer is not None else "auto")
@@ -127,16 +157,16 @@ class _MASOptimizer(torch.optim.Optimizer):
 class SGD(_MASOptimizer):
     """torch.optim.SGD (momentum, dampening, nesterov, weight_decay, maximize) + MAS penalty.
 
-    Args: as torch.optim.SGD, plus `regularizer` (a mas_fast.MAS whose penalty is folded in,
-    or None for a plain SGD), `penalty_step` ("gradient": the step on g + 2λΩ(θ−θ*), equal to
-    `loss + mas.penalty()`; "proximal": θ ← θ* + (θ' − θ*) / (1 + 2·lr·λΩ) after the loss-only
-    step θ', the momentum buffer holding the loss direction only) and `backend` (default: the
-    regularizer's, else "auto").
+    Args: as torch.optim.SGD, plus `regularizer` (a mas_fast.MAS, or any PenaltyRegularizer,
+    whose penalty is folded in, or None for a plain SGD), `penalty_step` ("gradient": the step
+    on g + 2λΩ(θ−θ*), equal to `loss + mas.penalty()`; "proximal": θ ← θ* + (θ' − θ*) /
+    (1 + 2·lr·λΩ) after the loss-only step θ', the momentum buffer holding the loss direction
+    only) and `backend` (default: the regularizer's, else "auto").
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
-                 regularizer: Optional[MAS] = None, penalty_step: str = "gradient",
+                 regularizer: Optional[PenaltyRegularizer] = None, penalty_step: str = "gradient",
                  backend: Optional[str] = None) -> None:
         for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
                             ("weight_decay", weight_decay)):
@@ -192,7 +222,7 @@ class Adam(_MASOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
                  maximize: bool = False, decoupled_weight_decay: bool = False,
-                 regularizer: Optional[MAS] = None, penalty_step: str = "gradient",
+                 regularizer: Optional[PenaltyRegularizer] = None, penalty_step: str = "gradient",
                  backend: Optional[str] = None) -> None:
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
             _check_number(name, value)
@@ -249,8 +279,8 @@ class AdamW(Adam):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False, regularizer: Optional[MAS] = None, penalty_step: str = "gradient",
-                 backend: Optional[str] = None) -> None:
+                 maximize: bool = False, regularizer: Optional[PenaltyRegularizer] = None,
+                 penalty_step: str = "gradient", backend: Optional[str] = None) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=True, regularizer=regularizer, penalty_step=penalty_step,
                          backend=backend)

@@ -43,14 +43,16 @@ PRESETS = {
         name="default", hidden=(400, 400), epochs=2, batch_size=128, lr=1e-3,
         split_tasks=5, permuted_tasks=5, seeds=(0, 1, 2),
         lambdas={  # `--search-lambda` (docs/continual-learning.md); 10 ** 0.5 = 3.16
-            "split-task": {"mas_per_sample": 1.0, "mas_batch": 1.0, "mas_local": 0.1, "ewc_online": 10 ** 3.5},
+            "split-task": {"mas_per_sample": 1.0, "mas_batch": 1.0, "mas_local": 0.1, "ewc_online": 10 ** 3.5,
+                           "si": 10 ** 2.5},
             "split-domain": {"mas_per_sample": 10 ** 0.5, "mas_batch": 10 ** 0.5, "mas_local": 1.0,
-                             "ewc_online": 10 ** 4.5},
+                             "ewc_online": 10 ** 4.5, "si": 10 ** 3.5},
             "permuted": {"mas_per_sample": 10 ** -0.5, "mas_batch": 10 ** -0.5, "mas_local": 10 ** -0.5,
-                         "ewc_online": 1000.0},
-            "split-class": {"mas_per_sample": 100.0, "mas_batch": 100.0, "mas_local": 10.0, "ewc_online": 1e5},
+                         "ewc_online": 1000.0, "si": 10 ** 2.5},
+            "split-class": {"mas_per_sample": 100.0, "mas_batch": 100.0, "mas_local": 10.0, "ewc_online": 1e5,
+                            "si": 1e5},
             "rotated": {"mas_per_sample": 10 ** -0.5, "mas_batch": 10 ** -0.5, "mas_local": 10 ** -0.5,
-                        "ewc_online": 1000.0},
+                        "ewc_online": 1000.0, "si": 10 ** 2.5},
         }),
     # Hsu, Liu, Ramasamy & Kira 2018, "Re-evaluating continual learning scenarios":
     # MLP 2×400, Adam lr 1e-3, batch 128, 4 epochs per task, Permuted-MNIST with 10 tasks.
@@ -58,10 +60,12 @@ PRESETS = {
         name="hsu2018", hidden=(400, 400), epochs=4, batch_size=128, lr=1e-3,
         split_tasks=5, permuted_tasks=10, seeds=(0, 1, 2),
         lambdas={  # `--search-lambda --preset hsu2018`
-            "split-task": {"mas_per_sample": 0.1, "mas_batch": 0.1, "mas_local": 0.1, "ewc_online": 1000.0},
+            "split-task": {"mas_per_sample": 0.1, "mas_batch": 0.1, "mas_local": 0.1, "ewc_online": 1000.0,
+                           "si": 10 ** 2.5},
             "split-domain": {"mas_per_sample": 10 ** 0.5, "mas_batch": 10 ** 0.5, "mas_local": 1.0,
-                             "ewc_online": 1e5},
+                             "ewc_online": 1e5, "si": 10 ** 3.5},
             "permuted": {"mas_per_sample": 10 ** -1.5, "mas_batch": 10 ** -1.5, "mas_local": 10 ** -1.5,
-                         "ewc_online": 10 ** 2.5},
+                         "ewc_online": 10 ** 2.5, "si": 10 ** 1.5},
+            "split-class": {"si": 1000.0},
         }),
 }

@@ -1,4 +1,5 @@
-"""Online EWC (Schwarz et al. 2018) with an exact per-sample diagonal Fisher.
+"""Online EWC (Schwarz et al. 2018) and EWC (Kirkpatrick et al. 2017) with an exact
+per-sample diagonal Fisher.
 
 Fisher of one task: F = (1/N) Σ_k (∂ℓ_k/∂θ)², ℓ_k the loss of sample k with its label (the
 empirical Fisher). It reuses mas_fast's capture machinery: one forward and one backward of
@@ -105,21 +106,75 @@ class OnlineEWC:
             count += batch_size(x)
         if count == 0:
             raise ValueError("nothing to consolidate: the batches held no samples")
-        fisher = {n: s / count for n, s in total.items()}
+        theta = {n: p.detach().to(acc_dtype(p.dtype), copy=True) for n, p in params.items()}
+        self._merge({n: s / count for n, s in total.items()}, theta)
+
+    def _merge(self, task: dict[str, Tensor], theta: dict[str, Tensor]) -> None:
+        """F ← γ F + F_task, θ* ← θ."""
+        fisher = dict(task)
         for n, old in self._fisher.items():
             fisher[n] = self.gamma * old + fisher[n] if n in fisher else self.gamma * old
         self._fisher = fisher
-        self._theta_star = {n: params[n].detach().to(acc_dtype(params[n].dtype), copy=True) for n in fisher}
+        self._theta_star = {n: theta[n] for n in fisher}
+
+    def penalty_terms(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Aligned lists (parameters, θ*, F), empty before the first consolidation (the fused
+        optimizers' protocol, mas_fast.optim.PenaltyRegularizer)."""
+        named = dict(self.model.named_parameters())
+        names = list(self._fisher)
+        return [named[n] for n in names], [self._theta_star[n] for n in names], [self._fisher[n] for n in names]
+
+    @property
+    def penalty_strength(self) -> float:
+        """λ/2, the factor of Σ F (θ − θ*)²."""
+        return self.lambda_ / 2
+
+    @property
+    def penalty_backend(self) -> str:
+        """The backend of the penalty and of the fused optimizer steps."""
+        return self.backend
 
     def add_penalty_grad_(self) -> Tensor:
         """After `loss.backward()`: p.grad += λ F (θ − θ*); returns the penalty value."""
         if not self._fisher:
             return torch.zeros(())
-        named = dict(self.model.named_parameters())
-        names = [n for n in self._fisher if named[n].requires_grad]
-        params = [named[n] for n in names]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        return ops.penalty_and_grad_(params, [p.grad for p in params], [self._theta_star[n] for n in names],
-                                     [self._fisher[n] for n in names], self.lambda_ / 2, backend=self.backend)
+        params, theta_star, fisher = self.penalty_terms()
+        keep = [i for i, p in enumerate(params) if p.requires_grad]
+        for i in keep:
+            if params[i].grad is None:
+                params[i].grad = torch.zeros_like(params[i])
+        return ops.penalty_and_grad_([params[i] for i in keep], [params[i].grad for i in keep],
+                                     [theta_star[i] for i in keep], [fisher[i] for i in keep],
+                                     self.penalty_strength, backend=self.backend)
+
+
+class EWC(OnlineEWC):
+    """EWC (Kirkpatrick et al. 2017): one penalty per task, (λ/2) Σ_t F_t (θ − θ*_t)².
+
+    Σ_t F_t (θ − θ*_t)² = F̄ (θ − θ̄*)² + C, with F̄ = Σ_t F_t, θ̄* = Σ_t F_t θ*_t / F̄ and
+    C = Σ_t F_t θ*_t² − F̄ θ̄*² constant in θ: one Fisher and one anchor give the same gradient,
+    on the same kernels as online EWC. The penalty values returned (`add_penalty_grad_`, the
+    fused optimizers' `last_penalty`) are (λ/2) F̄ (θ − θ̄*)²: the sum of the task penalties
+    minus the constant (λ/2) C. Where F̄ = 0 the anchor is the latest θ* (no penalty there).
+    `fisher` is F̄ and `theta_star` θ̄*.
+
+    Args: as OnlineEWC, without γ.
+    """
+
+    def __init__(self, model: nn.Module, lambda_: float, loss_fn: LossFn, backend: str = "auto") -> None:
+        super().__init__(model, lambda_, loss_fn, gamma=1.0, backend=backend)
+        self._weighted: dict[str, Tensor] = {}  # Σ_t F_t θ*_t
+
+    @property
+    def theta_star(self) -> Mapping[str, Tensor]:
+        """θ̄*, the Fisher-weighted mean of the tasks' θ* (read-only mapping)."""
+        return MappingProxyType(self._theta_star)
+
+    def _merge(self, task: dict[str, Tensor], theta: dict[str, Tensor]) -> None:
+        fisher, weighted = dict(self._fisher), dict(self._weighted)
+        for n, f in task.items():
+            fisher[n] = fisher[n] + f if n in fisher else f
+            weighted[n] = weighted[n] + f * theta[n] if n in weighted else f * theta[n]
+        anchor = {n: torch.where(fisher[n] > 0, weighted[n] / fisher[n],
+                                 theta[n] if n in theta else self._theta_star[n]) for n in fisher}
+        self._fisher, self._weighted, self._theta_star = fisher, weighted, anchor

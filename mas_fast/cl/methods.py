@@ -4,6 +4,11 @@
 - joint: after task t, trains on the union of tasks 1..t (the upper bound).
 - mas_per_sample / mas_batch / mas_local: mas_fast.MAS in each importance mode.
 - ewc_online: online EWC with the exact per-sample diagonal Fisher (cl/ewc.py).
+- si: Synaptic Intelligence (cl/si.py), its path integral recorded around every step.
+
+`make_method` also builds VARIANTS, which the demo does not run, for the comparison with Hsu
+et al. 2018 (cl/hsu2018.py, docs/baselines.md): "mas_hsu", MAS in their convention (importance
+per batch of 128, their batch size), and "ewc", EWC with one penalty per task (cl/ewc.py).
 
 The penalty gradient is added after `loss.backward()` (`add_penalty_grad_`), so the time
 it costs is measured on its own; importance is computed at the end of each task from the
@@ -18,12 +23,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..regularizer import MAS
-from .ewc import OnlineEWC
+from .ewc import EWC, OnlineEWC
+from .si import SynapticIntelligence
 
 Tensor = torch.Tensor
 IMPORTANCE_BATCH = 256
-METHODS = ("finetune", "joint", "mas_per_sample", "mas_batch", "mas_local", "ewc_online")
+METHODS = ("finetune", "joint", "mas_per_sample", "mas_batch", "mas_local", "ewc_online", "si")
 REGULARIZED = tuple(m for m in METHODS if m not in ("finetune", "joint"))
+VARIANTS = ("mas_hsu", "ewc")
+HSU_IMPORTANCE_BATCH = 128
+# The text scenario trains its first task once for all methods, without SI's path integral.
+TEXT_METHODS = tuple(m for m in METHODS if m != "si")
 
 
 class Head:
@@ -45,6 +55,9 @@ class Method:
     def add_penalty_grad_(self) -> None:
         """Add the penalty's gradient to the parameters' `.grad` (after `loss.backward()`)."""
 
+    def after_step(self) -> None:
+        """Called after every `opt.step()` (SI records the step's parameter change)."""
+
     def end_task(self, x: Tensor, y: Tensor, columns: Tensor) -> None:
         """Consolidate after a task, from its float images `x` and labels `y`."""
 
@@ -61,16 +74,19 @@ class Joint(Method):
 class MASMethod(Method):
     penalised = True
 
-    def __init__(self, model: nn.Module, lambda_: float, mode: str, backend: str) -> None:
+    def __init__(self, model: nn.Module, lambda_: float, mode: str, backend: str, convention: str = "paper",
+                 importance_batch: int = IMPORTANCE_BATCH) -> None:
         self.head = Head(torch.zeros(0, dtype=torch.long))
-        self.mas = MAS(model, lambda_=lambda_, mode=mode, output_fn=self.head, backend=backend)
+        self.mas = MAS(model, lambda_=lambda_, mode=mode, output_fn=self.head, backend=backend,
+                       convention=convention)
+        self.importance_batch = importance_batch
 
     def add_penalty_grad_(self) -> None:
         self.mas.add_penalty_grad_()
 
     def end_task(self, x: Tensor, y: Tensor, columns: Tensor) -> None:
         self.head.columns = columns
-        self.mas.consolidate(x.split(IMPORTANCE_BATCH), progress=False)
+        self.mas.consolidate(x.split(self.importance_batch), progress=False)
 
     @property
     def importance(self) -> Mapping[str, Tensor]:
@@ -78,11 +94,13 @@ class MASMethod(Method):
 
 
 class EWCMethod(Method):
+    """Online EWC, or EWC with one penalty per task (`per_task`)."""
+
     penalised = True
 
-    def __init__(self, model: nn.Module, lambda_: float, backend: str) -> None:
+    def __init__(self, model: nn.Module, lambda_: float, backend: str, per_task: bool = False) -> None:
         self.head = Head(torch.zeros(0, dtype=torch.long))
-        self.ewc = OnlineEWC(model, lambda_, self._loss, backend=backend)
+        self.ewc = (EWC if per_task else OnlineEWC)(model, lambda_, self._loss, backend=backend)
 
     def _loss(self, output: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(self.head(output), y, reduction="sum")
@@ -99,6 +117,29 @@ class EWCMethod(Method):
         return self.ewc.fisher
 
 
+class SIMethod(Method):
+    """Synaptic Intelligence: `add_penalty_grad_` first snapshots θ and the loss gradient."""
+
+    penalised = True
+
+    def __init__(self, model: nn.Module, c: float, backend: str) -> None:
+        self.si = SynapticIntelligence(model, c=c, backend=backend)
+
+    def add_penalty_grad_(self) -> None:
+        self.si.begin_step()
+        self.si.add_penalty_grad_()
+
+    def after_step(self) -> None:
+        self.si.end_step()
+
+    def end_task(self, x: Tensor, y: Tensor, columns: Tensor) -> None:
+        self.si.consolidate()
+
+    @property
+    def importance(self) -> Mapping[str, Tensor]:
+        return self.si.importance
+
+
 def make_method(name: str, model: nn.Module, lambda_: float = 0.0, backend: str = "auto") -> Method:
     """The method `name` attached to `model` (λ is used by the regularised methods only)."""
     if name == "finetune":
@@ -109,4 +150,10 @@ def make_method(name: str, model: nn.Module, lambda_: float = 0.0, backend: str 
         return MASMethod(model, lambda_, name[len("mas_"):], backend)
     if name == "ewc_online":
         return EWCMethod(model, lambda_, backend)
-    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+    if name == "si":
+        return SIMethod(model, lambda_, backend)
+    if name == "ewc":
+        return EWCMethod(model, lambda_, backend, per_task=True)
+    if name == "mas_hsu":
+        return MASMethod(model, lambda_, "batch", backend, convention="hsu", importance_batch=HSU_IMPORTANCE_BATCH)
+    raise ValueError(f"unknown method {name!r}; choose from {METHODS + VARIANTS}")

@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..regularizer import MAS
 from .config import SEARCH_SEED
 from .ewc import OnlineEWC
-from .methods import METHODS
+from .methods import TEXT_METHODS
 from .text_data import DOMAINS, TEXT_SCENARIO, TextSplits, load_domain
 from .text_model import ByteGPT, next_byte_loss
 from .train import RunResult, Stopwatch
@@ -149,9 +149,9 @@ def run_variants(config: TextConfig, variants: Sequence[tuple[str, float]], seed
                  backend: str = "auto", evaluate_on: str = "test",
                  on_task: Optional[Callable[[], None]] = None) -> list[RunResult]:
     """One run per (method, λ) of `variants`, all continuing from one shared task-1 network."""
-    unknown = [m for m, _ in variants if m not in METHODS]
+    unknown = [m for m, _ in variants if m not in TEXT_METHODS]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+        raise ValueError(f"methods {unknown} do not run on the text scenario; choose from {TEXT_METHODS}")
     if evaluate_on not in ("test", "val"):
         raise ValueError(f"evaluate_on must be 'test' or 'val', got {evaluate_on!r}")
     domains = [TextSplits(*(t.to(device) for t in (d.train, d.val, d.test))) for d in text_domains(config)]

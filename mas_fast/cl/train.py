@@ -99,6 +99,7 @@ def train_task(model: nn.Module, data: TaskData, columns: Tensor, method: Method
                 with penalty_clock:
                     method.add_penalty_grad_()
             opt.step()
+            method.after_step()
 
 
 def run(scenario: Scenario, method_name: str, config: Config, seed: int, lambda_: float = 0.0,
