@@ -63,5 +63,9 @@ PRESETS = {
                              "ewc_online": 1e5},
             "permuted": {"mas_per_sample": 10 ** -1.5, "mas_batch": 10 ** -1.5, "mas_local": 10 ** -1.5,
                          "ewc_online": 10 ** 2.5},
+            "split-class": {"mas_per_sample": 10 ** 2.5, "mas_batch": 100.0, "mas_local": 10 ** 0.5,
+                            "ewc_online": 10 ** 0.5},
+            "rotated": {"mas_per_sample": 10 ** -0.5, "mas_batch": 10 ** -0.5, "mas_local": 10 ** -0.5,
+                        "ewc_online": 1000.0},
         }),
 }
