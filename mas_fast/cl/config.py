@@ -66,6 +66,9 @@ PRESETS = {
                              "ewc_online": 1e5, "si": 10 ** 3.5},
             "permuted": {"mas_per_sample": 10 ** -1.5, "mas_batch": 10 ** -1.5, "mas_local": 10 ** -1.5,
                          "ewc_online": 10 ** 2.5, "si": 10 ** 1.5},
-            "split-class": {"si": 1000.0},
+            "split-class": {"mas_per_sample": 10 ** 2.5, "mas_batch": 100.0, "mas_local": 10 ** 0.5,
+                            "ewc_online": 10 ** 0.5, "si": 1000.0},
+            "rotated": {"mas_per_sample": 10 ** -0.5, "mas_batch": 10 ** -0.5, "mas_local": 10 ** -0.5,
+                        "ewc_online": 1000.0},
         }),
 }

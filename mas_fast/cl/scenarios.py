@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
 import torch.nn.functional as F
 
 from .data import Digits, Splits
