@@ -41,10 +41,10 @@ METHODS = ("autograd", "cpp penalty_and_grad_", "cpp penalty + backward", "copy_
 BYTES_PER_PARAM = 20
 
 
-def make_terms(size: str, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """(params with .grad, θ*, Ω) for one benchmark size."""
+def make_terms(layers: int, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(params with .grad, θ*, Ω) for `layers` 1024×1024 layers with biases."""
     g = torch.Generator().manual_seed(seed)
-    shapes = [s for _ in range(SIZES[size]) for s in (LAYER, LAYER[:1])]
+    shapes = [s for _ in range(layers) for s in (LAYER, LAYER[:1])]
     params = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=g)
@@ -55,7 +55,7 @@ def make_terms(size: str, seed: int = 0) -> tuple[list[torch.Tensor], list[torch
 
 def terms(size: str) -> tuple:
     """One size's tensors, kept while its rows run (only one size in memory at a time)."""
-    return current(("penalty", size), lambda: make_terms(size))
+    return current(("penalty", size), lambda: make_terms(SIZES[size]))
 
 
 def autograd_penalty(params, theta_star, omega) -> None:
