@@ -34,7 +34,7 @@ LAM = 0.5
 LR = 1e-4  # small: parameters stay near θ* over the timed steps
 METHODS = ("torch AdamW", "fused AdamW+MAS", "torch AdamW + autograd penalty")
 PROXIMAL_SIZES = {"1M": 1, "10M": 10}  # layers of 1,049,600 parameters
-PROXIMAL_ROUNDS = {"1M": (200, 10), "10M": (40, 3)}  # (paired rounds, warm-up rounds)
+PROXIMAL_ROUNDS = {"1M": (150, 5), "10M": (60, 3)}  # (paired rounds, warm-up rounds)
 PROXIMAL_BAR = 1.05
 OPTIMIZERS = {"SGD": lambda params, **kw: optim.SGD(params, lr=LR, momentum=0.9, **kw),
               "Adam": lambda params, **kw: optim.Adam(params, lr=LR, **kw),
