@@ -9,7 +9,6 @@ import torch
 from mas_fast.cl.config import PRESETS
 from mas_fast.cl.data import load_splits
 from mas_fast.cl.experiment import scenario_for
-from mas_fast.cl.search import STEPS, steps_for
 from mas_fast.optim import Adam as FusedAdam
 
 train = importlib.import_module("mas_fast.cl.train")  # the module (mas_fast.cl has no `train` function)
@@ -38,7 +37,7 @@ def test_proximal_loop_learns_the_new_task_where_the_explicit_one_stalls(split_d
     """At an EWC-sized λ (1e4) Adam's explicit step is dominated by the penalty gradient: both
     stay finite (Adam's step is bounded), but only the proximal step still learns task 2."""
     runs = {step: train.run(split_domain, "mas_batch", TINY, seed=0, lambda_=1e4, penalty_step=step)
-            for step in STEPS}
+            for step in ("gradient", "proximal")}
     assert all(math.isfinite(v) for r in runs.values() for row in r.R for v in row)
     assert runs["proximal"].penalty_step == "proximal" and runs["proximal"].penalty_s == 0.0
     new_task = {step: r.R[1][1] for step, r in runs.items()}
@@ -55,6 +54,6 @@ def test_bad_penalty_steps_are_refused_before_training(split_domain, method, ste
         train.run(split_domain, method, TINY, seed=0, lambda_=1.0, penalty_step=step)
 
 
-def test_only_mas_methods_are_searched_with_both_steps():
-    assert steps_for("mas_local") == ("gradient", "proximal")
-    assert steps_for("ewc_online") == ("gradient",)
+def test_only_mas_methods_train_with_both_steps():
+    assert train.penalty_steps("mas_local") == ("gradient", "proximal")
+    assert train.penalty_steps("ewc_online") == train.penalty_steps("finetune") == ("gradient",)

@@ -21,14 +21,7 @@ from .data import Splits
 from .experiment import scenario_for
 from .metrics import summarise
 from .report import text_table
-from .train import run
-
-STEPS = ("gradient", "proximal")
-
-
-def steps_for(method: str) -> tuple[str, ...]:
-    """The penalty steps searched for `method`: both for MAS, the explicit one otherwise."""
-    return STEPS if method.startswith("mas_") else STEPS[:1]
+from .train import penalty_steps, run
 
 
 def _best(grid: Sequence[float], accs: Sequence[float]) -> float:
@@ -43,14 +36,14 @@ def search_lambdas(config: Config, splits: Splits, scenarios: Sequence[str], met
     validation digits; MAS methods add "proximal": {"acc", "bwt", "best"} and "winner" (the step)."""
     from tqdm.auto import tqdm
 
-    total = sum(config.tasks(s) for s in scenarios) * sum(len(steps_for(m)) for m in methods) * len(grid)
+    total = sum(config.tasks(s) for s in scenarios) * sum(len(penalty_steps(m)) for m in methods) * len(grid)
     out: dict[str, dict[str, Any]] = {}
     with tqdm(total=total, desc="λ search (validation)", unit="task", disable=not progress) as bar:
         for name in scenarios:
             scenario = scenario_for(name, splits, config, seed, device, evaluate_on="val")
             for method in methods:
                 entry: dict[str, Any] = {"grid": list(grid)}
-                for step in steps_for(method):
+                for step in penalty_steps(method):
                     accs, bwts = [], []
                     for lam in grid:
                         bar.set_postfix_str(f"{name} | {method} | {step} | λ {lam:g}")

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.optim_config import check_penalty_step
+from ..ops.optim_config import PENALTY_STEPS, check_penalty_step
 from ..optim import Adam as FusedAdam
 from .config import Config
 from .methods import MASMethod, Method, make_method
@@ -88,10 +88,16 @@ def accuracy(model: nn.Module, data: TaskData, columns: Tensor) -> float:
     return correct / max(1, len(data))
 
 
+def penalty_steps(method_name: str) -> tuple[str, ...]:
+    """The penalty steps `method_name` trains with: "gradient" and "proximal" for MAS, whose
+    penalty mas_fast.optim folds into the step; "gradient" only otherwise."""
+    return PENALTY_STEPS if method_name.startswith("mas_") else PENALTY_STEPS[:1]
+
+
 def check_penalty_step_for(method_name: str, penalty_step: str) -> None:
-    """ValueError unless `penalty_step` is "gradient" or "proximal", the latter for a MAS method."""
+    """ValueError unless `penalty_step` is one of `penalty_steps(method_name)`."""
     check_penalty_step(penalty_step)
-    if penalty_step == "proximal" and not method_name.startswith("mas_"):
+    if penalty_step not in penalty_steps(method_name):
         raise ValueError(f"penalty_step 'proximal' needs a MAS method (mas_fast.optim folds MAS's "
                          f"penalty only), got method {method_name!r}")
 
