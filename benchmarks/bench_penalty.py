@@ -48,10 +48,10 @@ METHODS = ("autograd", "cpp penalty_and_grad_", "cpp penalty + backward", "copy_
 BYTES_PER_PARAM = 20
 
 
-def make_terms(size: str, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """(params with .grad, θ*, Ω) for one benchmark size."""
+def make_terms(layers: int, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(params with .grad, θ*, Ω) for `layers` 1024×1024 layers with biases."""
     g = torch.Generator().manual_seed(seed)
-    shapes = [s for _ in range(SIZES[size]) for s in (LAYER, LAYER[:1])]
+    shapes = [s for _ in range(layers) for s in (LAYER, LAYER[:1])]
     params = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=g)
@@ -62,7 +62,7 @@ def make_terms(size: str, seed: int = 0) -> tuple[list[torch.Tensor], list[torch
 
 def terms(size: str) -> tuple:
     """One size's tensors, kept while its rows run (only one size in memory at a time)."""
-    return current(("penalty", size), lambda: make_terms(size))
+    return current(("penalty", size), lambda: make_terms(SIZES[size]))
 
 
 def autograd_penalty(params, theta_star, omega) -> None:
@@ -131,7 +131,7 @@ LEAN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def make_lean_terms(size: str, dtype: str, state: str) -> tuple:
     """make_terms' tensors with parameters and grads in `dtype`, θ*/Ω in float32 or lean."""
-    params, theta_star, omega = make_terms(size)
+    params, theta_star, omega = make_terms(SIZES[size])
     dt = LEAN_DTYPES[dtype]
     params = [p.detach().to(dt) for p in params]
     grads = [torch.zeros_like(p) for p in params]

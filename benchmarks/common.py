@@ -1,7 +1,8 @@
 """Shared benchmark plumbing: device description, timing via pytest-benchmark, result rows.
 
 A benchmark test times each implementation with `measure(benchmark, fn)` (pytest-benchmark
-pedantic rounds, CUDA-synchronised) and files the median with `record(...)`. At the end of
+pedantic rounds, CUDA-synchronised) and files the median with `record(...)`; two variants
+whose ratio is the point are timed back to back in every round with `paired(fn_a, fn_b)`. At the end of
 the session conftest.py writes every row plus the ratio of each row to the baseline of its
 group, measured in the same run, to benchmarks/results/<suite>-<device>.json (a partial run
 replaces only the groups it measured).
@@ -13,6 +14,8 @@ import gc
 import json
 import os
 import re
+import statistics
+import time
 from typing import Any, Callable
 
 import torch
@@ -41,6 +44,36 @@ def measure(benchmark, fn: Callable[[], Any], device: str = "cpu", rounds: int =
         run()
     benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1)
     return float(benchmark.stats.stats.median)
+
+
+def paired(fn_a: Callable[[], Any], fn_b: Callable[[], Any], device: str = "cpu", rounds: int = 40,
+           warmup: int = 3, clock: Callable[[], float] | None = None) -> tuple[float, float, float]:
+    """(median seconds of fn_a, of fn_b, median over rounds of fn_b's time / fn_a's).
+
+    Each round times both back to back, alternating which goes first: a busy machine loads
+    both alike within a round, so the per-round ratio is far steadier than the ratio of two
+    medians measured minutes apart. `clock` defaults to time.perf_counter (wall time);
+    time.process_time (the process's CPU time) leaves out the time other jobs hold the cores."""
+    def timed(fn: Callable[[], Any]) -> float:
+        now = clock or time.perf_counter
+        sync(device)
+        start = now()
+        fn()
+        sync(device)
+        return now() - start
+
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    a, b = [], []
+    for i in range(rounds):
+        if i % 2:
+            b.append(timed(fn_b))
+            a.append(timed(fn_a))
+        else:
+            a.append(timed(fn_a))
+            b.append(timed(fn_b))
+    return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
 
 
 def record(suite: str, group: str, name: str, seconds: float, device: str, *,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU campaign, one script: build mas_fast._C with the CUDA kernels, run the CUDA and
 # Triton tests on the GPU, then the GPU benchmarks (penalty and fused AdamW at 100M fp32
-# parameters; exact per-sample importance vs batch mode, vmap and Opacus).
+# parameters; exact per-sample importance vs batch mode, vmap and Opacus; the proximal fused
+# optimizer steps vs the explicit ones on cuda and triton).
 # JSON results (device name, torch/CUDA versions, sizes, times, ratios) and the logs go to
 # $OUT (default benchmarks/results). Each step has its own time limit so that the whole run
 # stays under 8 minutes on an H100; a failed step is reported and the next one still runs.
@@ -36,6 +37,8 @@ step test_cuda 60 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.
     tests/test_bad_inputs.py -k "cuda or gpu or GPU"
 step bench_importance 120 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_importance.py -k "cuda or bars" \
     --benchmark-columns=median
+step bench_proximal 120 "$PY" -m pytest -q -s -p no:cacheprovider benchmarks/bench_optim.py \
+    -k "test_proximal_step and cuda or test_proximal_goal"
 step test_triton 60 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_triton_ops.py tests/test_triton_end_to_end.py
 step test_properties 20 "$PY" -m pytest -q -p no:cacheprovider tests/test_properties.py -k cuda
 ls -l "$OUT"

@@ -7,7 +7,8 @@ Synaptic Intelligence (MNIST scenarios only) over several seeds; prints ACC, BWT
 (text: per-domain loss, perplexity, the first domain's loss rise) and the time spent training,
 in importance passes and in the penalty; writes results.json and PNG plots into the folder
 named in the last line printed.
-`--search-lambda` runs the validation-set λ search that chose the presets' λ values.
+`--search-lambda` runs the validation-set λ search that chose the presets' λ values; for
+the MAS methods it searches both penalty steps (gradient: the demo's; proximal) and says which wins.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
                         "spinning OpenMP threads slow down several-fold on a busy machine; 0: torch's default)")
     p.add_argument("--search-lambda", action="store_true",
                    help=f"run the λ search instead: every λ of the grid, seed {SEARCH_SEED}, "
-                        "validation digits; prints the best λ per scenario and method")
+                        "validation digits; prints the best λ per scenario and method (MAS: for the "
+                        "gradient and the proximal penalty step, and which wins)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
 
@@ -123,7 +125,7 @@ def describe(config: Config, text, source: str, device: torch.device, backend: s
 
 def run_search(config: Config, splits, args, device: torch.device, out: str) -> None:
     from .cl.report import TITLES, write_json
-    from .cl.search import search_lambdas, search_table
+    from .cl.search import search_lambdas, search_table, steps_table
 
     methods = [m for m in args.methods if m in REGULARIZED]
     if not methods:
@@ -132,8 +134,11 @@ def run_search(config: Config, splits, args, device: torch.device, out: str) -> 
                            progress=not args.no_progress)
     for scenario, per_method in found.items():
         print(f"\nλ search, {TITLES[scenario]}: seed {SEARCH_SEED}, validation digits "
-              f"(final ACC / BWT in %, * = chosen)")
+              f"(final ACC / BWT in %, * = best λ; prox = the proximal penalty step)")
         print(search_table(per_method))
+        if any("proximal" in entry for entry in per_method.values()):
+            print(f"\npenalty steps, {TITLES[scenario]}: each step at its best λ (validation ACC / BWT in %)")
+            print(steps_table(per_method))
     chosen = {s: {m: v["best"] for m, v in pm.items()} for s, pm in found.items()}
     doc = {"preset": config.name, "seed": SEARCH_SEED, "grid": list(LAMBDA_GRID), "results": found}
     text = text_config(args)
@@ -147,7 +152,7 @@ def run_search(config: Config, splits, args, device: torch.device, out: str) -> 
         print(text_search_table(found_text))
         chosen[TEXT_SCENARIO] = {m: v["best"] for m, v in found_text.items()}
         doc.update(text_preset=text.name, text_grid=list(TEXT_LAMBDA_GRID), text_results=found_text)
-    print(f"\nchosen λ (preset {config.name}): {chosen}")
+    print(f"\nchosen λ (preset {config.name}, the gradient step the demo runs): {chosen}")
     write_json(os.path.join(out, "search.json"), {**doc, "chosen": chosen})
 
 

@@ -43,3 +43,22 @@ def test_every_results_file_gets_its_plot(rows, tmp_path):
     assert plot.speedups(json.loads(results.read_text())) == {"a": {"fast": 2.0}, "b": {"fast": 0.5}}
     (png,) = plot.main([str(results)])
     assert png == str(results.with_suffix(".png")) and os.path.getsize(png) > 1000
+
+
+def test_paired_times_both_every_round_in_alternating_order(monkeypatch):
+    """`common.paired`: medians of each and the median of the per-round ratios, on a fake clock."""
+    clock, order = [0.0], []
+
+    def costing(name, seconds):  # a function that takes the next of `seconds` on the fake clock
+        costs = iter(seconds)
+
+        def fn():
+            order.append(name)
+            clock[0] += next(costs)
+        return fn
+
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    # after one warm-up call each: rounds (a, b) = (1, 3), (1, 9), (2, 2), ratios 3, 9, 1
+    a, b, ratio = common.paired(costing("a", [0, 1, 1, 2]), costing("b", [0, 3, 9, 2]), rounds=3, warmup=1)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert (a, b, ratio) == (1.0, 3.0, 3.0)

@@ -48,12 +48,19 @@ def test_tiny_demo_writes_tables_json_and_plots(tmp_path, capsys):
 def test_lambda_search_picks_from_the_grid(tmp_path, capsys):
     assert main(["--search-lambda", "--scenarios", "split-domain", "--methods", "finetune", "mas_batch",
                  "--seeds", "0", "--out", str(tmp_path), *TINY]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == f"output: {tmp_path}"
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"output: {tmp_path}"
     doc = json.loads((tmp_path / "search.json").read_text())
     found = doc["results"]["split-domain"]["mas_batch"]
     assert list(doc["results"]["split-domain"]) == ["mas_batch"]  # only regularised methods are searched
-    assert len(found["acc"]) == len(LAMBDA_GRID) and found["best"] in LAMBDA_GRID
-    assert found["acc"][LAMBDA_GRID.index(found["best"])] == max(found["acc"])
+    # MAS is searched with both penalty steps, each choosing its own λ; the demo's λ is the gradient step's
+    for step in (found, found["proximal"]):
+        assert len(step["acc"]) == len(step["bwt"]) == len(LAMBDA_GRID) and step["best"] in LAMBDA_GRID
+        assert step["acc"][LAMBDA_GRID.index(step["best"])] == max(step["acc"])
+    assert found["winner"] == ("proximal" if max(found["proximal"]["acc"]) > max(found["acc"]) else "gradient")
+    assert doc["chosen"] == {"split-domain": {"mas_batch": found["best"]}}
+    row = next(line for line in lines if line.startswith("mas_batch "))  # the steps table
+    assert row.split()[-1] == found["winner"]
 
 
 def test_a_run_is_deterministic_for_its_seed():

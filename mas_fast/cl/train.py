@@ -5,6 +5,11 @@ every task's held-out digits, filling row t of the accuracy matrix R. Time is sp
 training (the optimisation loop, penalty included), the importance passes, and the penalty
 alone (`add_penalty_grad_`). The optimizer is fresh for every task, so Adam's moments of
 one task never move the parameters (e.g. old heads) during the next.
+
+A MAS method takes the penalty by either `penalty_step` of mas_fast.optim: "gradient"
+(torch.optim.Adam on the loss gradient plus `add_penalty_grad_`, i.e. on `loss + mas.penalty()`)
+or "proximal" (mas_fast.optim.Adam with the penalty's proximal map folded into the step; its
+cost is then part of the training time and penalty_s stays 0).
 """
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.optim_config import PENALTY_STEPS, check_penalty_step
+from ..optim import Adam as FusedAdam
 from .config import Config
-from .methods import Method, make_method
+from .methods import MASMethod, Method, make_method
 from .scenarios import PIXELS, Scenario, TaskData
 
 Tensor = torch.Tensor
@@ -55,6 +62,7 @@ class RunResult:
     penalty_s: float
     importance: dict[str, Tensor] = field(default_factory=dict, repr=False)  # final Ω / Fisher, on CPU
     metric: str = "accuracy"  # what R holds: "accuracy" (higher is better) or "loss" (text, nats/byte)
+    penalty_step: str = "gradient"  # how the penalty entered the step (mas_fast.optim's names)
 
 
 def mlp(hidden: Sequence[int], outputs: int) -> nn.Sequential:
@@ -81,13 +89,36 @@ def accuracy(model: nn.Module, data: TaskData, columns: Tensor) -> float:
     return correct / max(1, len(data))
 
 
+def penalty_steps(method_name: str) -> tuple[str, ...]:
+    """The penalty steps `method_name` trains with: "gradient" and "proximal" for MAS, whose
+    penalty mas_fast.optim folds into the step; "gradient" only otherwise."""
+    return PENALTY_STEPS if method_name.startswith("mas_") else PENALTY_STEPS[:1]
+
+
+def check_penalty_step_for(method_name: str, penalty_step: str) -> None:
+    """ValueError unless `penalty_step` is one of `penalty_steps(method_name)`."""
+    check_penalty_step(penalty_step)
+    if penalty_step not in penalty_steps(method_name):
+        raise ValueError(f"penalty_step 'proximal' needs a MAS method (mas_fast.optim folds MAS's "
+                         f"penalty only), got method {method_name!r}")
+
+
+def make_optimizer(model: nn.Module, method: Method, lr: float, penalty_step: str) -> torch.optim.Optimizer:
+    """Adam for one task: torch.optim's ("gradient": the loop adds the penalty gradient) or
+    mas_fast.optim's with the MAS penalty's proximal map in the step ("proximal")."""
+    if penalty_step == "proximal" and isinstance(method, MASMethod):
+        return FusedAdam(model.parameters(), lr=lr, regularizer=method.mas, penalty_step="proximal")
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
 def train_task(model: nn.Module, data: TaskData, columns: Tensor, method: Method, config: Config,
-               generator: torch.Generator, penalty_clock: Stopwatch) -> None:
-    """`config.epochs` passes over `data` in shuffled mini-batches: loss, backward, penalty grad, step.
+               generator: torch.Generator, penalty_clock: Stopwatch, penalty_step: str = "gradient") -> None:
+    """`config.epochs` passes over `data` in shuffled mini-batches: loss, backward, penalty, step.
 
     `columns` is the current stage's table: the loss reads each sample's task units."""
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = make_optimizer(model, method, config.lr, penalty_step)
+    add_penalty = method.penalised and getattr(opt, "regularizer", None) is None  # else the step holds it
     for _ in range(config.epochs):
         order = torch.randperm(len(data), generator=generator).to(data.y.device)
         for idx in order.split(config.batch_size):
@@ -95,7 +126,7 @@ def train_task(model: nn.Module, data: TaskData, columns: Tensor, method: Method
             loss = F.cross_entropy(logits, data.y[idx])
             opt.zero_grad()
             loss.backward()
-            if method.penalised:
+            if add_penalty:
                 with penalty_clock:
                     method.add_penalty_grad_()
             opt.step()
@@ -103,12 +134,15 @@ def train_task(model: nn.Module, data: TaskData, columns: Tensor, method: Method
 
 
 def run(scenario: Scenario, method_name: str, config: Config, seed: int, lambda_: float = 0.0,
-        backend: str = "auto", on_task: Optional[Callable[[], None]] = None) -> RunResult:
+        backend: str = "auto", on_task: Optional[Callable[[], None]] = None,
+        penalty_step: str = "gradient") -> RunResult:
     """Learn `scenario`'s tasks in order with `method_name`; the scenario's tensors set the device.
 
     The seed fixes the initial weights and the mini-batch order, so every method of a seed
-    starts from the same network and sees the same batches.
+    starts from the same network and sees the same batches. `penalty_step` ("gradient" or
+    "proximal", the latter for MAS methods only) says how the penalty enters Adam's step.
     """
+    check_penalty_step_for(method_name, penalty_step)
     device = scenario.device
     torch.manual_seed(seed)
     model = mlp(config.hidden, scenario.outputs).to(device)
@@ -120,7 +154,7 @@ def run(scenario: Scenario, method_name: str, config: Config, seed: int, lambda_
     for t, task in enumerate(tasks):
         data = TaskData.concat([u.train for u in tasks[:t + 1]]) if method.joint else task.train
         with train_clock:
-            train_task(model, data, scenario.columns[t], method, config, generator, penalty_clock)
+            train_task(model, data, scenario.columns[t], method, config, generator, penalty_clock, penalty_step)
         with importance_clock:
             method.end_task(task.train.inputs(), task.train.y, scenario.columns[t][t])
         R[t] = [accuracy(model, u.eval, scenario.columns[t]) for u in tasks]
@@ -128,4 +162,4 @@ def run(scenario: Scenario, method_name: str, config: Config, seed: int, lambda_
             on_task()
     importance = {n: v.detach().cpu() for n, v in method.importance.items()}
     return RunResult(scenario.name, method_name, seed, float(lambda_), R, train_clock.seconds,
-                     importance_clock.seconds, penalty_clock.seconds, importance)
+                     importance_clock.seconds, penalty_clock.seconds, importance, penalty_step=penalty_step)
