@@ -69,6 +69,6 @@ PRESETS = {
             "split-class": {"mas_per_sample": 10 ** 2.5, "mas_batch": 100.0, "mas_local": 10 ** 0.5,
                             "ewc_online": 10 ** 0.5, "si": 1000.0},
             "rotated": {"mas_per_sample": 10 ** -0.5, "mas_batch": 10 ** -0.5, "mas_local": 10 ** -0.5,
-                        "ewc_online": 1000.0},
+                        "ewc_online": 1000.0, "si": 10 ** 2.5},
         }),
 }
