@@ -58,13 +58,16 @@ def linear_rule(module: nn.Linear, x: Tensor, delta: Tensor, wanted: frozenset, 
         lambda: ops.per_sample_abs_matmul(d3.unsqueeze(1), x3.unsqueeze(1), backend=backend)[0], backend)
 
 
-def _signed_bias_and_weight(wanted: frozenset, delta_nc: Tensor, weight_fn: Callable[[], Tensor]) -> dict:
-    """Signed twin of `_bias_and_weight`: delta_nc is (N, C), every position of every sample."""
+def _signed_bias_and_weight(wanted: frozenset, delta: Tensor, weight_fn: Callable[[], Tensor],
+                            positions: int = 0) -> dict:
+    """Signed twin of `_bias_and_weight`: the bias sums `delta` over dimension `positions`. The
+    batch sums take delta (N, C), every position of every sample (positions 0); the per-sample
+    forms take (c, T, C) and keep one row per sample (positions 1)."""
     out = {}
     if "weight" in wanted:
         out["weight"] = weight_fn()
     if "bias" in wanted:
-        out["bias"] = delta_nc.sum(0)
+        out["bias"] = delta.sum(positions)
     return out
 
 
@@ -78,24 +81,14 @@ def linear_signed(module: nn.Linear, x: Tensor, delta: Tensor, wanted: frozenset
 linear_rule.signed = linear_signed
 
 
-def _per_sample_bias_and_weight(wanted: frozenset, d3: Tensor, weight_fn: Callable[[], Tensor]) -> dict:
-    """Per-sample twin of `_signed_bias_and_weight`: d3 is (c, T, C), one row of results per sample."""
-    out = {}
-    if "weight" in wanted:
-        out["weight"] = weight_fn()
-    if "bias" in wanted:
-        out["bias"] = d3.sum(1)
-    return out
-
-
 def linear_per_sample(module: nn.Linear, x: Tensor, delta: Tensor, wanted: frozenset) -> dict:
     """Per-sample gradients g_k of a Linear's parameters, samples first: weight (c, out, in) =
     Σ_t δ_kt x_ktᵀ, bias (c, out) = Σ_t δ_kt (a few samples at a time: c weights)."""
     dt = acc_dtype(x.dtype, delta.dtype)
     c = x.shape[0]
     d3 = delta.reshape(c, -1, delta.shape[-1]).to(dt)
-    return _per_sample_bias_and_weight(
-        wanted, d3, lambda: d3.transpose(1, 2) @ x.reshape(c, -1, x.shape[-1]).to(dt))
+    return _signed_bias_and_weight(
+        wanted, d3, lambda: d3.transpose(1, 2) @ x.reshape(c, -1, x.shape[-1]).to(dt), positions=1)
 
 
 linear_per_sample.attrs = frozenset({"weight", "bias"})  # what it computes (weight_norm's g, v it does not)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops.policy import acc_dtype
-from .rules import _affine, _batched, _bias_and_weight, _per_sample_bias_and_weight, layer_norm_rule
+from .rules import _affine, _batched, _bias_and_weight, _signed_bias_and_weight, layer_norm_rule
 
 Tensor = torch.Tensor
 
@@ -272,8 +272,8 @@ def _hf_conv1d_per_sample(module, x, delta, wanted) -> dict:
     dt = acc_dtype(x.dtype, delta.dtype)
     c = x.shape[0]
     d3 = delta.reshape(c, -1, delta.shape[-1]).to(dt)
-    return _per_sample_bias_and_weight(
-        wanted, d3, lambda: x.reshape(c, -1, x.shape[-1]).to(dt).transpose(1, 2) @ d3)
+    return _signed_bias_and_weight(
+        wanted, d3, lambda: x.reshape(c, -1, x.shape[-1]).to(dt).transpose(1, 2) @ d3, positions=1)
 
 
 _hf_conv1d_per_sample.attrs = frozenset({"weight", "bias"})
