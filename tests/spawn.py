@@ -1,4 +1,5 @@
-"""Spawning gloo ranks for a test: every rank saves its results; a hang fails the test."""
+"""Spawning gloo ranks for a test: every rank saves its results; a hang fails the test. Also a
+loader that fails part-way, for the failing-rank tests."""
 from __future__ import annotations
 
 import socket
@@ -31,3 +32,14 @@ def run_ranks(worker: Callable, args: tuple, world: int, out_dir: Path) -> list:
                 p.kill()
             pytest.fail(f"the {world} ranks did not finish within {TIMEOUT_S} s")
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+class BrokenLoader:
+    """Yields one batch, then raises (a failing data pipeline)."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __iter__(self):
+        yield self.x
+        raise RuntimeError("rank 1's loader broke")

@@ -122,17 +122,6 @@ def sharded_errors():
     return messages
 
 
-class BrokenLoader:
-    """Yields one batch, then raises (a failing data pipeline)."""
-
-    def __init__(self, x):
-        self.x = x
-
-    def __iter__(self):
-        yield self.x
-        raise RuntimeError("rank 1's loader broke")
-
-
 def refused_cases(rank):
     """Per case, (model, MAS options, loader, tasks consolidated before) on this rank: rank 1
     differs from rank 0 or fails. Linear(4, 6) and Linear(5, 5) have the same element count."""
@@ -145,7 +134,7 @@ def refused_cases(rank):
         "names": (nn.Linear(4, 6) if rank == 0 else nn.Sequential(nn.Linear(4, 6)), {}, [x], 1),
         "mode": (nn.Linear(4, 6), {"mode": "per_sample" if rank == 0 else "batch"}, [x], 1),
         "tasks": (nn.Linear(4, 6), {}, [x], 1 + rank),  # e.g. a rank resumed from another checkpoint
-        "raises": (nn.Linear(4, 6), {}, [x] if rank == 0 else BrokenLoader(x), 1),
+        "raises": (nn.Linear(4, 6), {}, [x] if rank == 0 else spawn.BrokenLoader(x), 1),
         "nonfinite": (nn.Linear(4, 6), {}, [x] if rank == 0 else [x, nan], 1),
     }
 

@@ -120,23 +120,13 @@ def gathered_groups(model):
     return seen
 
 
-class BrokenLoader:
-    """Yields one batch, then raises (a failing data pipeline)."""
-
-    def __init__(self, x):
-        self.x = x
-
-    def __iter__(self):
-        yield self.x
-        raise RuntimeError("rank 1's loader broke")
-
-
 def failures(rank):
     """consolidate / accumulate where rank 1 fails: each rank's error and whether its running task
     and importance are unchanged."""
     nan = data(rank)[0].clone()
     nan[0, 1] = float("nan")
-    cases = {"loader": lambda mas: mas.consolidate(BrokenLoader(data(rank)[0]) if rank else data(rank), progress=False),
+    cases = {"loader": lambda mas: mas.consolidate(spawn.BrokenLoader(data(rank)[0]) if rank else data(rank),
+                                                   progress=False),
              "nonfinite": lambda mas: mas.consolidate([nan] if rank else data(rank), progress=False),
              "accumulate": lambda mas: mas.accumulate(nan if rank else data(rank)[0])}
     out = {}
