@@ -57,6 +57,22 @@ class PenaltyRegularizer(Protocol):
         """The mas_fast.ops backend of the fused step when the optimizer is given none."""
 
 
+def add_penalty_grad(regularizer: PenaltyRegularizer) -> Optional[Tensor]:
+    """p.grad += 2λΩ(θ − θ*) for the regularizer's penalised parameters that require grad (a
+    None grad becomes zeros first); the penalty value, or None when no parameter is penalised.
+    The `add_penalty_grad_` of unsharded regularizers (SI, EWC)."""
+    params, theta_star, omega = regularizer.penalty_terms()
+    keep = [i for i, p in enumerate(params) if p.requires_grad]
+    if not keep:
+        return None
+    for i in keep:
+        if params[i].grad is None:
+            params[i].grad = torch.zeros_like(params[i])
+    return ops.penalty_and_grad_([params[i] for i in keep], [params[i].grad for i in keep],
+                                 [theta_star[i] for i in keep], [omega[i] for i in keep],
+                                 regularizer.penalty_strength, backend=regularizer.penalty_backend)
+
+
 def _check_regularizer(regularizer: Any) -> None:
     """TypeError naming what `regularizer` lacks of PenaltyRegularizer (None is fine)."""
     if regularizer is None:

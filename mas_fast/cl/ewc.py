@@ -23,6 +23,7 @@ from ..importance.capture import Site, eval_mode, stream_deltas
 from ..importance.fallback import model_per_sample
 from ..importance.rules import linear_rule
 from ..ops.policy import acc_dtype
+from ..optim import add_penalty_grad
 from ..regularizer import check_lambda
 
 Tensor = torch.Tensor
@@ -136,16 +137,8 @@ class OnlineEWC:
 
     def add_penalty_grad_(self) -> Tensor:
         """After `loss.backward()`: p.grad += λ F (θ − θ*); returns the penalty value."""
-        if not self._fisher:
-            return torch.zeros(())
-        params, theta_star, fisher = self.penalty_terms()
-        keep = [i for i, p in enumerate(params) if p.requires_grad]
-        for i in keep:
-            if params[i].grad is None:
-                params[i].grad = torch.zeros_like(params[i])
-        return ops.penalty_and_grad_([params[i] for i in keep], [params[i].grad for i in keep],
-                                     [theta_star[i] for i in keep], [fisher[i] for i in keep],
-                                     self.penalty_strength, backend=self.backend)
+        value = add_penalty_grad(self)
+        return torch.zeros(()) if value is None else value
 
 
 class EWC(OnlineEWC):

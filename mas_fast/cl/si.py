@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from .. import ops, sharding
 from ..ops.policy import acc_dtype
+from ..optim import add_penalty_grad
 from ..regularizer import _check_usable, unwrap
 
 Tensor = torch.Tensor
@@ -232,16 +233,8 @@ class SynapticIntelligence:
         """After `loss.backward()` (and `begin_step()`): p.grad += 2cΩ(θ − θ*); returns the
         penalty value. Tracked parameters without a gradient get a zero one first; frozen ones
         are skipped."""
-        params, theta_star, omega = self.penalty_terms()
-        keep = [i for i, p in enumerate(params) if p.requires_grad]
-        if not keep:
-            return self._zero()
-        for i in keep:
-            if params[i].grad is None:
-                params[i].grad = torch.zeros_like(params[i])
-        return ops.penalty_and_grad_([params[i] for i in keep], [params[i].grad for i in keep],
-                                     [theta_star[i] for i in keep], [omega[i] for i in keep], self.c,
-                                     backend=self.backend)
+        value = add_penalty_grad(self)
+        return self._zero() if value is None else value
 
     # ------------------------------------------------------------------ state
 
