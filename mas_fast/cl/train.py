@@ -90,8 +90,9 @@ def accuracy(model: nn.Module, data: TaskData, columns: Tensor) -> float:
 
 
 def penalty_steps(method_name: str) -> tuple[str, ...]:
-    """The penalty steps `method_name` trains with: "gradient" and "proximal" for MAS, whose
-    penalty mas_fast.optim folds into the step; "gradient" only otherwise."""
+    """The penalty steps `method_name` trains with: "gradient" and "proximal" for MAS (the demo
+    compares the two steps for MAS); "gradient" only otherwise (SI's path integral is recorded
+    around the explicit step's `add_penalty_grad_`)."""
     return PENALTY_STEPS if method_name.startswith("mas_") else PENALTY_STEPS[:1]
 
 
@@ -99,8 +100,7 @@ def check_penalty_step_for(method_name: str, penalty_step: str) -> None:
     """ValueError unless `penalty_step` is one of `penalty_steps(method_name)`."""
     check_penalty_step(penalty_step)
     if penalty_step not in penalty_steps(method_name):
-        raise ValueError(f"penalty_step 'proximal' needs a MAS method (mas_fast.optim folds MAS's "
-                         f"penalty only), got method {method_name!r}")
+        raise ValueError(f"penalty_step 'proximal' needs a MAS method in the demo, got method {method_name!r}")
 
 
 def make_optimizer(model: nn.Module, method: Method, lr: float, penalty_step: str) -> torch.optim.Optimizer:
