@@ -176,6 +176,11 @@ def _rows_per_rank(p: Tensor) -> int:
     return -(-p.shape[0] // p.device_mesh.size())
 
 
+def _elements_per_rank(p: Tensor) -> int:
+    """Elements in each rank's padded shard of `p`: its rows times the elements of one row."""
+    return _rows_per_rank(p) * (p.numel() // max(p.shape[0], 1))
+
+
 def _buckets(names: Sequence[str], sums: Mapping[str, Tensor], size: Callable[[str], int]) -> list[list[str]]:
     """`names` in consecutive runs of one dtype and device, each of at most BUCKET_ELEMENTS
     (by `size`) unless a single tensor is larger."""
@@ -200,7 +205,7 @@ def _reduce_scatter(names: list[str], sums: dict[str, Tensor], params: Mapping[s
 
     mesh = params[names[0]].device_mesh
     world, rank = mesh.size(), mesh.get_local_rank()
-    per_rank = {n: _rows_per_rank(params[n]) * (sums[n].numel() // max(sums[n].shape[0], 1)) for n in names}
+    per_rank = {n: _elements_per_rank(params[n]) for n in names}
     first = sums[names[0]]
     send = torch.zeros(world, sum(per_rank.values()), dtype=first.dtype, device=first.device)
     offset = 0
@@ -237,8 +242,7 @@ def reduced_to_shards(sums: dict[str, Tensor], params: Mapping[str, Tensor]) -> 
     scatter = [n for n in names if _scatterable(params[n])]
     shapes = {n: sums[n].shape for n in names}
     out: dict[str, Tensor] = {}
-    for bucket in _buckets(scatter, sums, lambda n: _rows_per_rank(params[n]) * params[n].device_mesh.size() *
-                           (sums[n].numel() // max(sums[n].shape[0], 1))):
+    for bucket in _buckets(scatter, sums, lambda n: _elements_per_rank(params[n]) * params[n].device_mesh.size()):
         out.update(_reduce_scatter(bucket, sums, params))
     rest = [n for n in names if n not in out]
     for bucket in _buckets(rest, sums, lambda n: sums[n].numel()):
